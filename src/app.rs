@@ -1,0 +1,180 @@
+//! Wires the store, the feed and the services together, binds the listener
+//! and runs until the shutdown token fires.
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{service::InterceptorLayer, transport::Server};
+use tracing::{info, warn};
+
+use crate::{
+    Config, Error,
+    domain::Timestamp,
+    grpc::{self, EventApi, ExecutionApi, TaskRunApi, pb},
+    orchestration::Ledger,
+    store::{Store, WriterTask},
+    stream::Feed,
+};
+
+/// The largest request accepted: a 1 MiB input and the rest of its
+/// request, with room to spare.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the database: {0}")]
+    Store(Error),
+    #[error("building reflection: {0}")]
+    Reflection(String),
+    #[error("serving: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A built service, bound and ready to run.
+#[derive(Debug)]
+pub struct App {
+    listener: TcpListener,
+    addr: SocketAddr,
+    store: Store,
+    writer: WriterTask,
+    feed: Feed,
+    shutdown: CancellationToken,
+    config: Config,
+}
+
+impl App {
+    /// Opens the database and binds the listener (port 0 picks a free one).
+    pub async fn build(config: Config) -> Result<App, StartError> {
+        let feed = Feed::new();
+        let (store, writer) = Store::open(&config.database_url(), config.durability, feed.clone())
+            .await
+            .map_err(StartError::Store)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        Ok(App {
+            listener,
+            addr,
+            store,
+            writer,
+            feed,
+            shutdown: CancellationToken::new(),
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Cancelling this token shuts the service down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token fires: then stops accepting, ends
+    /// the streams with UNAVAILABLE, lets the calls in flight finish (for
+    /// up to the shutdown grace) and commits every write already accepted.
+    pub async fn run_until_stopped(self) -> Result<(), StartError> {
+        let App { listener, addr, store, writer, feed, shutdown, config } = self;
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in grpc::SERVICE_NAMES {
+            health.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+        }
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+
+        let streams = grpc::Streams {
+            ledger: Ledger::new(store.clone()),
+            feed,
+            shutdown: shutdown.clone(),
+        };
+        let pruner = tokio::spawn(prune_events(
+            store.clone(),
+            config.event_retention,
+            config.prune_interval,
+            shutdown.clone(),
+        ));
+
+        let incoming = TcpListenerStream::new(listener).map(|conn| {
+            conn.inspect(|s| {
+                // Small messages: do not wait to coalesce them.
+                let _ = s.set_nodelay(true);
+            })
+        });
+        let server = Server::builder()
+            .layer(InterceptorLayer::new(grpc::auth::open_access))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                pb::execution_service_server::ExecutionServiceServer::new(ExecutionApi::new(streams.clone()))
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                pb::task_run_service_server::TaskRunServiceServer::new(TaskRunApi::new(streams.clone()))
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                pb::event_service_server::EventServiceServer::new(EventApi::new(streams))
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+
+        info!(%addr, database = %config.database_url(), "runledger listening");
+        let grace = config.shutdown_grace;
+        let served = tokio::select! {
+            r = server => r,
+            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                warn!(?grace, "calls still open after the shutdown grace; closing them");
+                Ok(())
+            }
+        };
+        shutdown.cancel();
+        let _ = pruner.await;
+        // The writer commits what it was given and stops once the last
+        // handle to the store is gone.
+        store.close_reads().await;
+        drop(store);
+        let _ = writer.await;
+        info!("runledger stopped");
+        served.map_err(StartError::from)
+    }
+}
+
+async fn prune_events(store: Store, retention: Duration, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(cutoff) = Timestamp::now().checked_sub(retention) else { continue };
+        match store.prune_events(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "pruned events past retention"),
+            Err(e) => warn!(error = %e, "pruning events"),
+        }
+    }
+}

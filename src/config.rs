@@ -1,0 +1,106 @@
+//! Command line and environment.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::store::Durability;
+
+/// runledger: records, orchestrates and streams the state of executions
+/// and their task runs.
+#[derive(Debug, Parser)]
+#[command(name = "runledger", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC service (the default when no command is given).
+    Serve(Config),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How the service runs.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "RUNLEDGER_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// SQLite database URL (or path); created and migrated on start.
+    #[arg(long, env = "RUNLEDGER_DATABASE", default_value = "sqlite://runledger.db")]
+    pub database: String,
+
+    /// `process`: an acknowledged write survives a crash of the process
+    /// (WAL, synchronous=NORMAL). `power`: it also survives power loss
+    /// (synchronous=FULL), at a cost in write throughput.
+    #[arg(long, env = "RUNLEDGER_DURABILITY", value_enum, default_value = "process")]
+    pub durability: Durability,
+
+    /// How long the event log keeps events; streams resuming from an older
+    /// sequence get OUT_OF_RANGE.
+    #[arg(long, env = "RUNLEDGER_EVENT_RETENTION", value_parser = humantime::parse_duration, default_value = "7d")]
+    pub event_retention: Duration,
+
+    /// How often events past retention are removed.
+    #[arg(long, env = "RUNLEDGER_PRUNE_INTERVAL", value_parser = humantime::parse_duration, default_value = "1m")]
+    pub prune_interval: Duration,
+
+    /// How long shutdown waits for open calls before closing them.
+    #[arg(long, env = "RUNLEDGER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub shutdown_grace: Duration,
+
+    /// Log format.
+    #[arg(long, env = "RUNLEDGER_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The configuration `runledger serve` would run with: flags at their
+    /// defaults, overridden by `RUNLEDGER_*` variables.
+    pub fn new_from_env() -> Result<Self, clap::Error> {
+        match Cli::try_parse_from(["runledger", "serve"])?.command {
+            Some(Command::Serve(config)) => Ok(config),
+            None => unreachable!("the serve command was given"),
+        }
+    }
+
+    /// The defaults, listening on `listen` with the database at `database`.
+    pub fn new(listen: SocketAddr, database: impl Into<String>) -> Result<Self, clap::Error> {
+        Ok(Config {
+            listen,
+            database: database.into(),
+            ..Self::new_from_env()?
+        })
+    }
+
+    /// The database URL, accepting a plain path too.
+    pub fn database_url(&self) -> String {
+        if self.database.starts_with("sqlite:") {
+            self.database.clone()
+        } else {
+            format!("sqlite://{}", self.database)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_parses_with_defaults() {
+        let c = Config::new("127.0.0.1:0".parse().unwrap(), "x.db").unwrap();
+        assert_eq!(c.database_url(), "sqlite://x.db");
+        assert_eq!(c.event_retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.durability, Durability::Process);
+        Cli::try_parse_from(["runledger", "serve", "--listen", "nope"]).unwrap_err();
+    }
+}

@@ -1,0 +1,32 @@
+//! The ledger's vocabulary: ids, states, executions, task runs and events.
+//! Plain data and validated constructors; no I/O.
+
+mod event;
+pub mod execution;
+mod ids;
+pub mod json;
+mod run;
+mod state;
+pub mod task_run;
+mod time;
+mod violation;
+
+pub use event::{Event, EventKind, Resource};
+pub use execution::{ConfigOverrides, ConfigProfile, EffectiveConfig, Execution, NewExecution};
+pub use ids::{ExecutionId, StateId, TaskRunId};
+pub use run::{ErrorInfo, RunCore};
+pub use state::{State, StateDetails, StateProposal, StateType};
+pub use task_run::{NewTaskRun, RetryPolicy, TaskRun};
+pub use time::Timestamp;
+pub use violation::{FieldViolation, Violations};
+
+/// Who makes a call: the tenant whose rows it may touch, and the name its
+/// changes are recorded under (`updated_by`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub tenant_id: String,
+    pub name: String,
+}
+
+/// The name the server records for transitions it makes by itself.
+pub const SYSTEM_ACTOR: &str = "system";

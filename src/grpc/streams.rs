@@ -1,0 +1,129 @@
+//! Opening the status streams: subscribe to the feed first, then read the
+//! snapshot or check the cursor, then follow.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::{convert, pb};
+use crate::{
+    Error, Result,
+    domain::{Caller, ExecutionId, Resource, TaskRunId},
+    orchestration::Ledger,
+    store::LogScope,
+    stream::{Ending, EventFilter, Feed, Subscription},
+};
+
+pub(crate) type EventStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>;
+
+/// What the streaming services share.
+#[derive(Debug, Clone)]
+pub(crate) struct Streams {
+    pub(crate) ledger: Ledger,
+    pub(crate) feed: Feed,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Streams {
+    /// Refuses a cursor retention has passed.
+    async fn check_cursor(&self, after: i64) -> Result<()> {
+        let compacted = self.ledger.store().compacted_seq().await?;
+        if after < compacted {
+            return Err(Error::OutOfRange(format!(
+                "after_sequence {after} is older than the event log's retention; the oldest sequence still held is {}",
+                compacted + 1
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn execution(
+        &self,
+        caller: &Caller,
+        id: ExecutionId,
+        include_task_runs: bool,
+        after: i64,
+    ) -> Result<Subscription> {
+        let rx = self.feed.subscribe();
+        let store = self.ledger.store().clone();
+        let tenant = caller.tenant_id.clone();
+        let filter = EventFilter {
+            execution_ids: vec![id.to_string()],
+            include_task_runs,
+            ..EventFilter::default()
+        };
+        let scope = LogScope::Execution(tenant.clone(), id);
+        let ending = Ending::Execution(id.to_string());
+        if after == 0 {
+            let snap = store.execution_snapshot(&tenant, id, include_task_runs).await?;
+            let (exec, seq) = snap
+                .execution
+                .ok_or_else(|| crate::orchestration::execution_not_found(id))?;
+            let mut events = vec![convert::snapshot(Resource::Execution(&exec), seq)];
+            events.extend(
+                snap.task_runs
+                    .iter()
+                    .map(|(t, s)| convert::snapshot(Resource::TaskRun(t), *s)),
+            );
+            let ended = exec.run.state.state_type.is_terminal();
+            let sub = Subscription::new(store, rx, scope, filter, ending, self.shutdown.clone(), snap.head, false);
+            Ok(sub.prepend(events, ended))
+        } else {
+            let (exec, last_seq) = self.ledger.execution(caller, id).await?;
+            self.check_cursor(after).await?;
+            let ended = exec.run.state.state_type.is_terminal() && last_seq <= after;
+            let sub = Subscription::new(store, rx, scope, filter, ending, self.shutdown.clone(), after, true);
+            Ok(sub.prepend(Vec::new(), ended))
+        }
+    }
+
+    pub(crate) async fn task_run(&self, caller: &Caller, id: TaskRunId, after: i64) -> Result<Subscription> {
+        let rx = self.feed.subscribe();
+        let store = self.ledger.store().clone();
+        let tenant = caller.tenant_id.clone();
+        let filter = EventFilter {
+            include_task_runs: true,
+            ..EventFilter::default()
+        };
+        let scope = LogScope::TaskRun(tenant.clone(), id);
+        let ending = Ending::TaskRun(id.to_string());
+        if after == 0 {
+            let (run, head) = store.task_run_snapshot(&tenant, id).await?;
+            let (run, seq) = run.ok_or_else(|| crate::orchestration::task_run_not_found(id))?;
+            let ended = run.run.state.state_type.is_terminal();
+            let events = vec![convert::snapshot(Resource::TaskRun(&run), seq)];
+            let sub = Subscription::new(store, rx, scope, filter, ending, self.shutdown.clone(), head, false);
+            Ok(sub.prepend(events, ended))
+        } else {
+            let (run, last_seq) = self.ledger.task_run(caller, id).await?;
+            self.check_cursor(after).await?;
+            let ended = run.run.state.state_type.is_terminal() && last_seq <= after;
+            let sub = Subscription::new(store, rx, scope, filter, ending, self.shutdown.clone(), after, true);
+            Ok(sub.prepend(Vec::new(), ended))
+        }
+    }
+
+    pub(crate) async fn tenant(&self, caller: &Caller, filter: EventFilter, after: i64) -> Result<Subscription> {
+        let rx = self.feed.subscribe();
+        let store = self.ledger.store().clone();
+        let scope = LogScope::Tenant(caller.tenant_id.clone());
+        let (start, read_log) = if after == 0 {
+            // Live from now: whatever committed before this is not wanted.
+            (store.head().await?, false)
+        } else {
+            self.check_cursor(after).await?;
+            (after, true)
+        };
+        Ok(Subscription::new(store, rx, scope, filter, Ending::Never, self.shutdown.clone(), start, read_log))
+    }
+}
+
+/// Serves a subscription as a response stream.
+pub(crate) fn serve<R: Send + 'static>(sub: Subscription, wrap: fn(pb::StatusEvent) -> R) -> EventStream<R> {
+    Box::pin(futures::stream::unfold(sub, move |mut sub| async move {
+        let item = sub.next().await?;
+        Some((item.map(wrap).map_err(Status::from), sub))
+    }))
+}

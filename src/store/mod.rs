@@ -1,0 +1,402 @@
+//! Storage: SQLite through sqlx. Reads use a pool of read-only connections;
+//! every write goes through the single writer (see `writer`).
+
+mod page;
+mod rows;
+mod writer;
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    QueryBuilder, Sqlite, SqliteConnection, SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+    Connection,
+};
+use tokio::sync::{mpsc, oneshot};
+
+pub use page::{Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page};
+pub use writer::WriteTx;
+pub(crate) use writer::TxFuture;
+
+use crate::{
+    Error, Result,
+    domain::{Execution, ExecutionId, State, StateType, TaskRun, TaskRunId, Timestamp},
+    stream::{Feed, LoggedEvent},
+};
+
+/// How hard a commit tries to reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// WAL with synchronous=NORMAL: an acknowledged write survives the
+    /// process crashing or being killed; a power loss may lose the last
+    /// commits.
+    Process,
+    /// WAL with synchronous=FULL: an acknowledged write also survives a
+    /// power loss or OS crash.
+    Power,
+}
+
+/// Which executions a list returns.
+#[derive(Debug, Clone, Default)]
+pub struct ExecutionFilter {
+    pub task_id: Option<String>,
+    pub state_types: Vec<StateType>,
+    pub metadata: Vec<(String, String)>,
+    pub created_after: Option<Timestamp>,
+    pub created_before: Option<Timestamp>,
+    pub show_deleted: bool,
+}
+
+/// Which task runs a list returns.
+#[derive(Debug, Clone, Default)]
+pub struct TaskRunFilter {
+    pub execution_id: Option<ExecutionId>,
+    pub task_key: Option<String>,
+    pub state_types: Vec<StateType>,
+    pub labels: Vec<(String, String)>,
+    pub created_after: Option<Timestamp>,
+    pub created_before: Option<Timestamp>,
+    pub show_deleted: bool,
+    pub stale: Option<bool>,
+}
+
+/// Which part of the log a stream reads.
+#[derive(Debug, Clone)]
+pub enum LogScope {
+    Tenant(String),
+    Execution(String, ExecutionId),
+    TaskRun(String, TaskRunId),
+}
+
+/// A run as a per-run stream's snapshot sees it, with the sequence of its
+/// latest event.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub execution: Option<(Execution, i64)>,
+    pub task_runs: Vec<(TaskRun, i64)>,
+    /// The log's head when the snapshot was read: everything up to here is
+    /// reflected in it.
+    pub head: i64,
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    read: SqlitePool,
+    writes: mpsc::Sender<writer::BoxedOp>,
+}
+
+/// The store's writer task, to await at shutdown once every `Store` handle
+/// is dropped.
+pub type WriterTask = tokio::task::JoinHandle<()>;
+
+impl Store {
+    /// Opens (creating and migrating if needed) the database at `url`.
+    pub async fn open(url: &str, durability: Durability, feed: Feed) -> Result<(Store, WriterTask)> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| Error::Internal(format!("database url: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match durability {
+                Durability::Process => SqliteSynchronous::Normal,
+                Durability::Power => SqliteSynchronous::Full,
+            })
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10))
+            .statement_cache_capacity(256);
+
+        let mut conn = SqliteConnection::connect_with(&options).await?;
+        sqlx::migrate!("./migrations")
+            .run(&mut conn)
+            .await
+            .map_err(|e| Error::Internal(format!("migrating the database: {e}")))?;
+        let next_seq = sqlx::query_scalar::<_, i64>(HEAD_SQL).fetch_one(&mut conn).await? + 1;
+
+        let read = SqlitePoolOptions::new()
+            .max_connections(8)
+            .min_connections(1)
+            .connect_with(options.read_only(true))
+            .await?;
+
+        let (tx, rx) = mpsc::channel(4096);
+        let task = tokio::spawn(writer::run(conn, rx, feed, next_seq));
+        Ok((Store { read, writes: tx }, task))
+    }
+
+    /// Runs `f` in the writer's next transaction and answers once it has
+    /// committed.
+    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'a, 'c> FnMut(&'a mut WriteTx<'c>) -> TxFuture<'a, T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let op = writer::ClosureOp::new(f, reply);
+        self.writes
+            .send(Box::new(op))
+            .await
+            .map_err(|_| Error::Unavailable)?;
+        answer.await.map_err(|_| Error::Unavailable)?
+    }
+
+    pub async fn execution(&self, tenant: &str, id: ExecutionId) -> Result<Option<(Execution, i64)>> {
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT doc, last_seq FROM executions WHERE tenant_id = ? AND id = ?")
+                .bind(tenant)
+                .bind(id.to_string())
+                .fetch_optional(&self.read)
+                .await?;
+        row.map(|(doc, seq)| Ok((rows::decode_doc(&doc)?, seq))).transpose()
+    }
+
+    pub async fn task_run(&self, tenant: &str, id: TaskRunId) -> Result<Option<(TaskRun, i64)>> {
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT doc, last_seq FROM task_runs WHERE tenant_id = ? AND id = ?")
+                .bind(tenant)
+                .bind(id.to_string())
+                .fetch_optional(&self.read)
+                .await?;
+        row.map(|(doc, seq)| Ok((rows::decode_doc(&doc)?, seq))).transpose()
+    }
+
+    /// Newest first.
+    pub async fn list_executions(
+        &self,
+        tenant: &str,
+        filter: &ExecutionFilter,
+        page: &Page,
+    ) -> Result<(Vec<Execution>, Option<Cursor>)> {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT doc, created_at, id FROM executions WHERE tenant_id = ",
+        );
+        q.push_bind(tenant);
+        if let Some(task_id) = &filter.task_id {
+            q.push(" AND task_id = ").push_bind(task_id.clone());
+        }
+        push_state_types(&mut q, &filter.state_types);
+        for (k, v) in &filter.metadata {
+            q.push(" AND EXISTS (SELECT 1 FROM json_each(doc, '$.metadata') WHERE key = ")
+                .push_bind(k.clone())
+                .push(" AND value = ")
+                .push_bind(v.clone())
+                .push(")");
+        }
+        push_common(&mut q, filter.created_after, filter.created_before, filter.show_deleted, page);
+        let rows: Vec<(String, i64, String)> = q.build_query_as().fetch_all(&self.read).await?;
+        page.split(rows)
+    }
+
+    /// Newest first.
+    pub async fn list_task_runs(
+        &self,
+        tenant: &str,
+        filter: &TaskRunFilter,
+        page: &Page,
+    ) -> Result<(Vec<TaskRun>, Option<Cursor>)> {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT doc, created_at, id FROM task_runs WHERE tenant_id = ",
+        );
+        q.push_bind(tenant);
+        if let Some(id) = filter.execution_id {
+            q.push(" AND execution_id = ").push_bind(id.to_string());
+        }
+        if let Some(key) = &filter.task_key {
+            q.push(" AND task_key = ").push_bind(key.clone());
+        }
+        if let Some(stale) = filter.stale {
+            q.push(" AND stale = ").push_bind(stale);
+        }
+        push_state_types(&mut q, &filter.state_types);
+        for (k, v) in &filter.labels {
+            q.push(" AND EXISTS (SELECT 1 FROM json_each(doc, '$.labels') WHERE key = ")
+                .push_bind(k.clone())
+                .push(" AND value = ")
+                .push_bind(v.clone())
+                .push(")");
+        }
+        push_common(&mut q, filter.created_after, filter.created_before, filter.show_deleted, page);
+        let rows: Vec<(String, i64, String)> = q.build_query_as().fetch_all(&self.read).await?;
+        page.split(rows)
+    }
+
+    /// A run's state history, oldest first.
+    pub async fn states(&self, tenant: &str, run_id: &str) -> Result<Vec<State>> {
+        let docs: Vec<String> = sqlx::query_scalar(
+            "SELECT doc FROM states WHERE tenant_id = ? AND run_id = ? ORDER BY rowid",
+        )
+        .bind(tenant)
+        .bind(run_id)
+        .fetch_all(&self.read)
+        .await?;
+        docs.iter().map(|d| rows::decode_doc(d)).collect()
+    }
+
+    /// Up to `limit` events of `scope` with sequence above `after`, in order.
+    pub async fn events_after(&self, scope: &LogScope, after: i64, limit: i64) -> Result<Vec<LoggedEvent>> {
+        let (sql, tenant, id) = match scope {
+            LogScope::Tenant(t) => (
+                "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload FROM events \
+                 WHERE tenant_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                t,
+                None,
+            ),
+            LogScope::Execution(t, id) => (
+                "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload FROM events \
+                 WHERE tenant_id = ? AND execution_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                t,
+                Some(id.to_string()),
+            ),
+            LogScope::TaskRun(t, id) => (
+                "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload FROM events \
+                 WHERE tenant_id = ? AND task_run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                t,
+                Some(id.to_string()),
+            ),
+        };
+        let mut q = sqlx::query_as::<_, EventRow>(sql).bind(tenant);
+        if let Some(id) = id {
+            q = q.bind(id);
+        }
+        let rows = q.bind(after).bind(limit).fetch_all(&self.read).await?;
+        rows.into_iter().map(EventRow::into_logged).collect()
+    }
+
+    /// The latest sequence the log has given out.
+    pub async fn head(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(HEAD_SQL).fetch_one(&self.read).await?)
+    }
+
+    /// The highest sequence retention has removed from the log.
+    pub async fn compacted_seq(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM counters WHERE name = 'compacted_seq'")
+                .fetch_one(&self.read)
+                .await?,
+        )
+    }
+
+    /// An execution (and optionally its task runs) with the log head, read
+    /// in one consistent transaction.
+    pub async fn execution_snapshot(
+        &self,
+        tenant: &str,
+        id: ExecutionId,
+        include_task_runs: bool,
+    ) -> Result<Snapshot> {
+        let mut tx = self.read.begin().await?;
+        let head: i64 = sqlx::query_scalar(HEAD_SQL).fetch_one(&mut *tx).await?;
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT doc, last_seq FROM executions WHERE tenant_id = ? AND id = ?")
+                .bind(tenant)
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let execution = row.map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s))).transpose()?;
+        let mut task_runs = Vec::new();
+        if include_task_runs && execution.is_some() {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT doc, last_seq FROM task_runs WHERE execution_id = ? ORDER BY created_at, id",
+            )
+            .bind(id.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+            for (d, s) in rows {
+                task_runs.push((rows::decode_doc(&d)?, s));
+            }
+        }
+        tx.commit().await?;
+        Ok(Snapshot { execution, task_runs, head })
+    }
+
+    /// A task run with the log head, read in one consistent transaction.
+    pub async fn task_run_snapshot(&self, tenant: &str, id: TaskRunId) -> Result<(Option<(TaskRun, i64)>, i64)> {
+        let mut tx = self.read.begin().await?;
+        let head: i64 = sqlx::query_scalar(HEAD_SQL).fetch_one(&mut *tx).await?;
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT doc, last_seq FROM task_runs WHERE tenant_id = ? AND id = ?")
+                .bind(tenant)
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        let run = row.map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s))).transpose()?;
+        Ok((run, head))
+    }
+
+    /// Removes events older than `cutoff` from the log, through the writer.
+    pub async fn prune_events(&self, cutoff: Timestamp) -> Result<u64> {
+        self.write(move |tx| Box::pin(tx.prune_events(cutoff))).await
+    }
+
+    /// Closes the read pool (the writer ends when every handle is dropped).
+    pub async fn close_reads(&self) {
+        self.read.close().await;
+    }
+}
+
+/// The latest sequence given out: the log's last, or the compaction mark
+/// when retention emptied the log.
+const HEAD_SQL: &str = "SELECT MAX(COALESCE((SELECT MAX(seq) FROM events), 0), \
+     (SELECT value FROM counters WHERE name = 'compacted_seq'))";
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    seq: i64,
+    tenant_id: String,
+    execution_id: String,
+    task_run_id: Option<String>,
+    task_id: Option<String>,
+    payload: Vec<u8>,
+}
+
+impl EventRow {
+    fn into_logged(self) -> Result<LoggedEvent> {
+        LoggedEvent::decode(
+            self.seq,
+            self.tenant_id,
+            self.execution_id,
+            self.task_run_id,
+            self.task_id,
+            &self.payload,
+        )
+    }
+}
+
+fn push_state_types(q: &mut QueryBuilder<Sqlite>, types: &[StateType]) {
+    if types.is_empty() {
+        return;
+    }
+    q.push(" AND state_type IN (");
+    let mut sep = q.separated(", ");
+    for t in types {
+        sep.push_bind(t.code());
+    }
+    sep.push_unseparated(")");
+}
+
+fn push_common(
+    q: &mut QueryBuilder<Sqlite>,
+    after: Option<Timestamp>,
+    before: Option<Timestamp>,
+    show_deleted: bool,
+    page: &Page,
+) {
+    if let Some(t) = after {
+        q.push(" AND created_at > ").push_bind(t.as_micros());
+    }
+    if let Some(t) = before {
+        q.push(" AND created_at < ").push_bind(t.as_micros());
+    }
+    if !show_deleted {
+        q.push(" AND deleted_at IS NULL");
+    }
+    if let Some(c) = &page.after {
+        q.push(" AND (created_at, id) < (")
+            .push_bind(c.created_at)
+            .push(", ")
+            .push_bind(c.id.clone())
+            .push(")");
+    }
+    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(page.size as i64 + 1);
+}

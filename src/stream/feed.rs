@@ -1,0 +1,105 @@
+use std::sync::Arc;
+
+use prost::Message;
+use tokio::sync::broadcast;
+
+use crate::{
+    Error, Result,
+    domain::Event,
+    grpc::{convert, pb},
+};
+
+/// How many events the live feed holds for subscribers that are behind;
+/// one further behind reads from the log instead.
+const LIVE_BUFFER: usize = 4096;
+
+/// An event as the log holds it: its sequence, the ids streams select on,
+/// and the wire form of the event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedEvent {
+    pub seq: i64,
+    pub tenant_id: String,
+    pub execution_id: String,
+    pub task_run_id: Option<String>,
+    /// The task_id of the execution the event belongs to.
+    pub task_id: Option<String>,
+    pub event: pb::StatusEvent,
+}
+
+impl LoggedEvent {
+    pub fn new(seq: i64, event: &Event<'_>) -> Self {
+        LoggedEvent {
+            seq,
+            tenant_id: event.resource.tenant_id().to_owned(),
+            execution_id: event.resource.execution_id().to_string(),
+            task_run_id: event.resource.task_run_id().map(|id| id.to_string()),
+            task_id: event.task_id.map(str::to_owned),
+            event: convert::status_event(seq, event),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        self.event.encode_to_vec()
+    }
+
+    pub fn decode(
+        seq: i64,
+        tenant_id: String,
+        execution_id: String,
+        task_run_id: Option<String>,
+        task_id: Option<String>,
+        payload: &[u8],
+    ) -> Result<Self> {
+        let event = pb::StatusEvent::decode(payload)
+            .map_err(|e| Error::Internal(format!("decoding event {seq}: {e}")))?;
+        Ok(LoggedEvent {
+            seq,
+            tenant_id,
+            execution_id,
+            task_run_id,
+            task_id,
+            event,
+        })
+    }
+
+    /// The state type of the run after this event.
+    pub fn state_type(&self) -> i32 {
+        let state = match &self.event.resource {
+            Some(pb::status_event::Resource::Execution(e)) => e.state.as_ref(),
+            Some(pb::status_event::Resource::TaskRun(t)) => t.state.as_ref(),
+            None => None,
+        };
+        state.map_or(0, |s| s.r#type)
+    }
+}
+
+/// Committed events, fanned out to every live subscriber.
+#[derive(Debug, Clone)]
+pub struct Feed {
+    tx: broadcast::Sender<Arc<LoggedEvent>>,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Feed {
+    pub fn new() -> Self {
+        let (tx, _) = broadcast::channel(LIVE_BUFFER);
+        Feed { tx }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LoggedEvent>> {
+        self.tx.subscribe()
+    }
+
+    /// Called by the writer after commit, in sequence order.
+    pub(crate) fn publish(&self, events: Vec<Arc<LoggedEvent>>) {
+        for e in events {
+            // No receivers is fine: the log has it.
+            let _ = self.tx.send(e);
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The live feed of committed events and the subscriptions that follow it:
+//! snapshot or log first, then live, falling back to the log whenever a
+//! subscriber falls behind.
+
+mod feed;
+mod filter;
+mod subscription;
+
+pub use feed::{Feed, LoggedEvent};
+pub use filter::EventFilter;
+pub use subscription::{Ending, Subscription};
