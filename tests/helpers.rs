@@ -1,0 +1,229 @@
+//! One way to start the service for a test: in-process on 127.0.0.1:0
+//! with a fresh SQLite file, or as a real process for crash tests.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use runledger::{App, Config, grpc::pb};
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub use pb::{
+    event_service_client::EventServiceClient, execution_service_client::ExecutionServiceClient,
+    task_run_service_client::TaskRunServiceClient,
+};
+
+#[derive(Debug)]
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub executions: ExecutionServiceClient<Channel>,
+    pub task_runs: TaskRunServiceClient<Channel>,
+    pub events: EventServiceClient<Channel>,
+    pub shutdown: CancellationToken,
+    pub server: JoinHandle<Result<(), runledger::StartError>>,
+    pub dir: TempDir,
+}
+
+pub fn db_path(dir: &Path) -> PathBuf {
+    dir.join("runledger.db")
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_in(tempfile::tempdir().expect("a temp dir"), adjust).await
+}
+
+/// Starts a server on the database in `dir` (a restart when it exists).
+pub async fn spawn_in(dir: TempDir, adjust: impl FnOnce(&mut Config)) -> TestApp {
+    let mut config = Config::new(
+        "127.0.0.1:0".parse().unwrap(),
+        db_path(dir.path()).display().to_string(),
+    )
+    .expect("default config");
+    adjust(&mut config);
+    let app = App::build(config).await.expect("the app builds");
+    let addr = app.local_addr();
+    let shutdown = app.shutdown_token();
+    let server = tokio::spawn(app.run_until_stopped());
+    let channel = connect(addr).await;
+    TestApp {
+        addr,
+        executions: ExecutionServiceClient::new(channel.clone()),
+        task_runs: TaskRunServiceClient::new(channel.clone()),
+        events: EventServiceClient::new(channel),
+        shutdown,
+        server,
+        dir,
+    }
+}
+
+pub async fn connect(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects to the server")
+}
+
+impl TestApp {
+    /// Shuts down gracefully and hands back the database folder.
+    pub async fn stop(self) -> TempDir {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.server)
+            .await
+            .expect("the server stops within 10 s")
+            .expect("the server task ends")
+            .expect("the server ends cleanly");
+        self.dir
+    }
+}
+
+/// The service as a separate process, for kill -9.
+#[derive(Debug)]
+pub struct Process {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    pub fn start(db: &Path) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_runledger"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--database"])
+            .arg(db)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the server logs its address")
+                .expect("readable log");
+            if let Some(rest) = line.split("addr=").nth(1) {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        // Keep draining the log so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Process { child, addr }
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().unwrap();
+    }
+}
+
+// ---- request builders ------------------------------------------------------
+
+pub fn goal(goal: &str) -> pb::CreateExecutionRequest {
+    pb::CreateExecutionRequest {
+        goal: goal.into(),
+        ..Default::default()
+    }
+}
+
+pub fn state(t: pb::StateType) -> Option<pb::StateCreate> {
+    Some(pb::StateCreate {
+        r#type: t as i32,
+        ..Default::default()
+    })
+}
+
+pub async fn create_execution(app: &TestApp) -> pb::Execution {
+    app.executions
+        .clone()
+        .create_execution(goal("test"))
+        .await
+        .expect("created")
+        .into_inner()
+        .execution
+        .unwrap()
+}
+
+pub async fn set_execution_state(
+    app: &TestApp,
+    id: &str,
+    t: pb::StateType,
+) -> pb::SetExecutionStateResponse {
+    app.executions
+        .clone()
+        .set_execution_state(pb::SetExecutionStateRequest {
+            id: id.into(),
+            state: state(t),
+            ..Default::default()
+        })
+        .await
+        .expect("set state answered")
+        .into_inner()
+}
+
+pub async fn create_task_run(app: &TestApp, execution_id: &str, task_key: &str) -> pb::TaskRun {
+    app.task_runs
+        .clone()
+        .create_task_run(pb::CreateTaskRunRequest {
+            execution_id: execution_id.into(),
+            task_key: task_key.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("created")
+        .into_inner()
+        .task_run
+        .unwrap()
+}
+
+pub async fn set_task_run_state(
+    app: &TestApp,
+    id: &str,
+    t: pb::StateType,
+) -> pb::SetTaskRunStateResponse {
+    app.task_runs
+        .clone()
+        .set_task_run_state(pb::SetTaskRunStateRequest {
+            id: id.into(),
+            state: state(t),
+            ..Default::default()
+        })
+        .await
+        .expect("set state answered")
+        .into_inner()
+}
+
+/// The field names of an INVALID_ARGUMENT's BadRequest details.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("a BadRequest detail")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+pub fn state_of(e: &pb::Execution) -> pb::StateType {
+    pb::StateType::try_from(e.state.as_ref().unwrap().r#type).unwrap()
+}
+
+pub fn event_seq(e: &pb::StatusEvent) -> i64 {
+    e.sequence
+}
+
+pub fn event_kind(e: &pb::StatusEvent) -> pb::EventKind {
+    pb::EventKind::try_from(e.kind).unwrap()
+}

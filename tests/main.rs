@@ -1,0 +1,12 @@
+//! Integration tests: the real server on 127.0.0.1, called through the
+//! generated tonic clients.
+
+#![allow(dead_code)]
+
+mod helpers;
+
+mod executions;
+mod streams;
+mod task_runs;
+mod transitions;
+mod validation;
