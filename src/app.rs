@@ -52,16 +52,21 @@ pub struct App {
 impl App {
     /// Opens the database and binds the listener (port 0 picks a free one).
     pub async fn build(config: Config) -> Result<App, StartError> {
-        let feed = Feed::new();
+        let feed = Feed::new(config.live_buffer as usize);
         let (store, writer) = Store::open(&config.database_url(), config.durability, feed.clone())
             .await
             .map_err(StartError::Store)?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         Ok(App {
             listener,
             addr,
@@ -86,11 +91,21 @@ impl App {
     /// the streams with UNAVAILABLE, lets the calls in flight finish (for
     /// up to the shutdown grace) and commits every write already accepted.
     pub async fn run_until_stopped(self) -> Result<(), StartError> {
-        let App { listener, addr, store, writer, feed, shutdown, config } = self;
+        let App {
+            listener,
+            addr,
+            store,
+            writer,
+            feed,
+            shutdown,
+            config,
+        } = self;
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for name in grpc::SERVICE_NAMES {
-            health.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+            health
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
         }
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -129,12 +144,16 @@ impl App {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(
-                pb::execution_service_server::ExecutionServiceServer::new(ExecutionApi::new(streams.clone()))
-                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+                pb::execution_service_server::ExecutionServiceServer::new(ExecutionApi::new(
+                    streams.clone(),
+                ))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
             )
             .add_service(
-                pb::task_run_service_server::TaskRunServiceServer::new(TaskRunApi::new(streams.clone()))
-                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+                pb::task_run_service_server::TaskRunServiceServer::new(TaskRunApi::new(
+                    streams.clone(),
+                ))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
             )
             .add_service(
                 pb::event_service_server::EventServiceServer::new(EventApi::new(streams))
@@ -163,14 +182,21 @@ impl App {
     }
 }
 
-async fn prune_events(store: Store, retention: Duration, every: Duration, shutdown: CancellationToken) {
+async fn prune_events(
+    store: Store,
+    retention: Duration,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Some(cutoff) = Timestamp::now().checked_sub(retention) else { continue };
+        let Some(cutoff) = Timestamp::now().checked_sub(retention) else {
+            continue;
+        };
         match store.prune_events(cutoff).await {
             Ok(0) => {}
             Ok(n) => info!(removed = n, "pruned events past retention"),

@@ -35,13 +35,22 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// SQLite database URL (or path); created and migrated on start.
-    #[arg(long, env = "RUNLEDGER_DATABASE", default_value = "sqlite://runledger.db")]
+    #[arg(
+        long,
+        env = "RUNLEDGER_DATABASE",
+        default_value = "sqlite://runledger.db"
+    )]
     pub database: String,
 
     /// `process`: an acknowledged write survives a crash of the process
     /// (WAL, synchronous=NORMAL). `power`: it also survives power loss
     /// (synchronous=FULL), at a cost in write throughput.
-    #[arg(long, env = "RUNLEDGER_DURABILITY", value_enum, default_value = "process")]
+    #[arg(
+        long,
+        env = "RUNLEDGER_DURABILITY",
+        value_enum,
+        default_value = "process"
+    )]
     pub durability: Durability,
 
     /// How long the event log keeps events; streams resuming from an older
@@ -52,6 +61,11 @@ pub struct Config {
     /// How often events past retention are removed.
     #[arg(long, env = "RUNLEDGER_PRUNE_INTERVAL", value_parser = humantime::parse_duration, default_value = "1m")]
     pub prune_interval: Duration,
+
+    /// How many recent events are held in memory for live subscribers; a
+    /// subscriber further behind reads from the log instead.
+    #[arg(long, env = "RUNLEDGER_LIVE_BUFFER", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    pub live_buffer: u32,
 
     /// How long shutdown waits for open calls before closing them.
     #[arg(long, env = "RUNLEDGER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "5s")]

@@ -1,7 +1,7 @@
 //! Integration tests: the real server on 127.0.0.1, called through the
 //! generated tonic clients.
 
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 mod helpers;
 

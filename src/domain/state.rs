@@ -167,10 +167,18 @@ mod tests {
 
     #[test]
     fn exactly_four_terminal_types() {
-        let terminal: Vec<_> = StateType::ALL.into_iter().filter(|t| t.is_terminal()).collect();
+        let terminal: Vec<_> = StateType::ALL
+            .into_iter()
+            .filter(|t| t.is_terminal())
+            .collect();
         assert_eq!(
             terminal,
-            [StateType::Completed, StateType::Failed, StateType::Cancelled, StateType::Crashed]
+            [
+                StateType::Completed,
+                StateType::Failed,
+                StateType::Cancelled,
+                StateType::Crashed
+            ]
         );
     }
 
@@ -180,7 +188,9 @@ mod tests {
         let s = StateProposal::of_type(StateType::Scheduled).into_state(now);
         assert_eq!(s.name, "Scheduled");
         assert_eq!(s.details.scheduled_time, Some(now));
-        let s = StateProposal::of_type(StateType::Paused).named("PendingReview").into_state(now);
+        let s = StateProposal::of_type(StateType::Paused)
+            .named("PendingReview")
+            .into_state(now);
         assert_eq!(s.name, "PendingReview");
         assert_eq!(s.details.scheduled_time, None);
     }

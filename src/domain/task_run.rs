@@ -100,12 +100,29 @@ mod tests {
             retry_jitter_factor: 0.5,
         };
         assert!(ok.clone().check().is_ok());
-        assert!(RetryPolicy { retries: -1, ..ok.clone() }.check().is_err());
         assert!(
-            RetryPolicy { retry_delay_seconds: vec![f64::NAN], ..ok.clone() }
-                .check()
-                .is_err()
+            RetryPolicy {
+                retries: -1,
+                ..ok.clone()
+            }
+            .check()
+            .is_err()
         );
-        assert!(RetryPolicy { retry_jitter_factor: 2.0, ..ok }.check().is_err());
+        assert!(
+            RetryPolicy {
+                retry_delay_seconds: vec![f64::NAN],
+                ..ok.clone()
+            }
+            .check()
+            .is_err()
+        );
+        assert!(
+            RetryPolicy {
+                retry_jitter_factor: 2.0,
+                ..ok
+            }
+            .check()
+            .is_err()
+        );
     }
 }

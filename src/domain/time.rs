@@ -51,6 +51,9 @@ mod tests {
         let b = Timestamp::from_micros(3_500);
         assert_eq!(b.saturating_since(a), Duration::from_micros(2_500));
         assert_eq!(a.saturating_since(b), Duration::ZERO);
-        assert_eq!(a.checked_add(Duration::from_millis(1)), Some(Timestamp::from_micros(2_000)));
+        assert_eq!(
+            a.checked_add(Duration::from_millis(1)),
+            Some(Timestamp::from_micros(2_000))
+        );
     }
 }

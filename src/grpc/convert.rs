@@ -29,7 +29,9 @@ pub fn from_timestamp(t: &prost_types::Timestamp) -> Result<Timestamp, String> {
     if !(MIN_SECONDS..=MAX_SECONDS).contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
         return Err("must be a valid timestamp between years 1 and 9999".into());
     }
-    Ok(Timestamp::from_micros(t.seconds * 1_000_000 + i64::from(t.nanos / 1_000)))
+    Ok(Timestamp::from_micros(
+        t.seconds * 1_000_000 + i64::from(t.nanos / 1_000),
+    ))
 }
 
 pub fn duration(d: std::time::Duration) -> prost_types::Duration {
@@ -218,7 +220,10 @@ pub fn task_run(t: &TaskRun) -> pb::TaskRun {
         id: t.id.to_string(),
         tenant_id: t.tenant_id.clone(),
         execution_id: t.execution_id.to_string(),
-        parent_task_run_id: t.parent_task_run_id.map(|id| id.to_string()).unwrap_or_default(),
+        parent_task_run_id: t
+            .parent_task_run_id
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
         depth: t.depth,
         task_key: t.task_key.clone(),
         dynamic_key: t.dynamic_key.clone(),
@@ -302,7 +307,9 @@ mod tests {
     fn json_round_trips_through_protobuf_values() {
         let v = json!({"a": [1.5, "x", null, true, {"b": {}}], "c": -3.0});
         assert_eq!(from_value(&value(&v)).unwrap(), v);
-        let nan = prost_types::Value { kind: Some(Kind::NumberValue(f64::NAN)) };
+        let nan = prost_types::Value {
+            kind: Some(Kind::NumberValue(f64::NAN)),
+        };
         assert!(from_value(&nan).is_err());
     }
 
@@ -311,9 +318,24 @@ mod tests {
         let t = Timestamp::from_micros(1_700_000_000_123_456);
         assert_eq!(from_timestamp(&timestamp(t)).unwrap(), t);
         let before_epoch = Timestamp::from_micros(-1_500_000);
-        assert_eq!(from_timestamp(&timestamp(before_epoch)).unwrap(), before_epoch);
-        assert!(from_timestamp(&prost_types::Timestamp { seconds: MAX_SECONDS + 1, nanos: 0 }).is_err());
-        assert!(from_timestamp(&prost_types::Timestamp { seconds: 0, nanos: -1 }).is_err());
+        assert_eq!(
+            from_timestamp(&timestamp(before_epoch)).unwrap(),
+            before_epoch
+        );
+        assert!(
+            from_timestamp(&prost_types::Timestamp {
+                seconds: MAX_SECONDS + 1,
+                nanos: 0
+            })
+            .is_err()
+        );
+        assert!(
+            from_timestamp(&prost_types::Timestamp {
+                seconds: 0,
+                nanos: -1
+            })
+            .is_err()
+        );
     }
 
     #[test]

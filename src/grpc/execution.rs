@@ -61,7 +61,9 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         let caller = caller(&req)?;
         let mut v = Violations::new();
         let id = requests::execution_id("id", &req.get_ref().id, &mut v);
-        let id = v.finish(|| id.expect("checked")).map_err(crate::Error::from)?;
+        let id = v
+            .finish(|| id.expect("checked"))
+            .map_err(crate::Error::from)?;
         let (execution, _) = self.ledger().execution(&caller, id).await?;
         Ok(Response::new(pb::GetExecutionResponse {
             execution: Some(convert::execution(&execution)),
@@ -74,8 +76,12 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         req: Request<pb::ListExecutionsRequest>,
     ) -> Result<Response<pb::ListExecutionsResponse>, Status> {
         let caller = caller(&req)?;
-        let (filter, page) = requests::execution_list(req.into_inner()).map_err(crate::Error::from)?;
-        let (items, next) = self.ledger().list_executions(&caller, &filter, &page).await?;
+        let (filter, page) =
+            requests::execution_list(req.into_inner()).map_err(crate::Error::from)?;
+        let (items, next) = self
+            .ledger()
+            .list_executions(&caller, &filter, &page)
+            .await?;
         Ok(Response::new(pb::ListExecutionsResponse {
             executions: items.iter().map(convert::execution).collect(),
             next_page_token: next.map(|c| c.to_token()).unwrap_or_default(),
@@ -104,7 +110,10 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         let (id, (proposal, payload)) = v
             .finish(|| (id.expect("checked"), proposal.expect("checked")))
             .map_err(crate::Error::from)?;
-        let o = self.ledger().set_execution_state(&caller, id, proposal, payload).await?;
+        let o = self
+            .ledger()
+            .set_execution_state(&caller, id, proposal, payload)
+            .await?;
         Ok(Response::new(pb::SetExecutionStateResponse {
             status: set_state_status(o.status),
             state: Some(convert::state(&o.state)),
@@ -118,21 +127,27 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         &self,
         _req: Request<pb::CancelExecutionRequest>,
     ) -> Result<Response<pb::CancelExecutionResponse>, Status> {
-        Err(Status::unimplemented("CancelExecution is not available yet"))
+        Err(Status::unimplemented(
+            "CancelExecution is not available yet",
+        ))
     }
 
     async fn resume_execution(
         &self,
         _req: Request<pb::ResumeExecutionRequest>,
     ) -> Result<Response<pb::ResumeExecutionResponse>, Status> {
-        Err(Status::unimplemented("ResumeExecution is not available yet"))
+        Err(Status::unimplemented(
+            "ResumeExecution is not available yet",
+        ))
     }
 
     async fn delete_execution(
         &self,
         _req: Request<pb::DeleteExecutionRequest>,
     ) -> Result<Response<pb::DeleteExecutionResponse>, Status> {
-        Err(Status::unimplemented("DeleteExecution is not available yet"))
+        Err(Status::unimplemented(
+            "DeleteExecution is not available yet",
+        ))
     }
 
     type StreamExecutionStatusStream = EventStream<pb::StreamExecutionStatusResponse>;
@@ -147,8 +162,13 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         let mut v = Violations::new();
         let id = requests::execution_id("id", &r.id, &mut v);
         let after = requests::after_sequence(r.after_sequence, &mut v);
-        let id = v.finish(|| id.expect("checked")).map_err(crate::Error::from)?;
-        let sub = self.streams.execution(&caller, id, r.include_task_runs, after).await?;
+        let id = v
+            .finish(|| id.expect("checked"))
+            .map_err(crate::Error::from)?;
+        let sub = self
+            .streams
+            .execution(&caller, id, r.include_task_runs, after)
+            .await?;
         Ok(Response::new(streams::serve(sub, |event| {
             pb::StreamExecutionStatusResponse { event: Some(event) }
         })))

@@ -13,8 +13,8 @@ mod task_run;
 
 pub use events::EventApi;
 pub use execution::ExecutionApi;
-pub use task_run::TaskRunApi;
 pub(crate) use streams::Streams;
+pub use task_run::TaskRunApi;
 
 /// Code generated from `proto/runledger/v1`.
 #[allow(unreachable_pub, missing_debug_implementations, clippy::all)]

@@ -8,12 +8,12 @@ use serde_json::{Map, Value};
 
 use super::{convert, pb};
 use crate::{
+    domain::execution::{MAX_NAME_CHARS, MAX_TASK_ID_CHARS, check_chars, check_string_map},
+    domain::task_run::{MAX_CACHE_KEY_CHARS, MAX_KEY_CHARS, MAX_TAG_CHARS, MAX_TAGS},
     domain::{
         ConfigOverrides, ConfigProfile, ErrorInfo, ExecutionId, NewExecution, NewTaskRun,
         RetryPolicy, StateDetails, StateId, StateProposal, StateType, TaskRunId, Violations, json,
     },
-    domain::execution::{MAX_NAME_CHARS, MAX_TASK_ID_CHARS, check_chars, check_string_map},
-    domain::task_run::{MAX_CACHE_KEY_CHARS, MAX_KEY_CHARS, MAX_TAG_CHARS, MAX_TAGS},
     orchestration::rules::{Payload, Proposal},
     store::{ExecutionFilter, Page, TaskRunFilter},
 };
@@ -31,7 +31,12 @@ pub(crate) fn task_run_id(field: &str, s: &str, v: &mut Violations) -> Option<Ta
     required_id(field, s, v, TaskRunId::parse)
 }
 
-fn required_id<T>(field: &str, s: &str, v: &mut Violations, parse: fn(&str) -> Result<T, String>) -> Option<T> {
+fn required_id<T>(
+    field: &str,
+    s: &str,
+    v: &mut Violations,
+    parse: fn(&str) -> Result<T, String>,
+) -> Option<T> {
     if s.is_empty() {
         v.add(field, "is required");
         return None;
@@ -42,7 +47,10 @@ fn required_id<T>(field: &str, s: &str, v: &mut Violations, parse: fn(&str) -> R
 /// Checks a JSON value against the size and nesting limits.
 fn json_value(field: &str, pbv: &prost_types::Value, v: &mut Violations) -> Option<Value> {
     if pbv.encoded_len() > json::MAX_ENCODED_BYTES {
-        v.add(field, format!("at most {} bytes encoded", json::MAX_ENCODED_BYTES));
+        v.add(
+            field,
+            format!("at most {} bytes encoded", json::MAX_ENCODED_BYTES),
+        );
         return None;
     }
     let value = v.check(field, convert::from_value(pbv))?;
@@ -53,7 +61,11 @@ fn json_value(field: &str, pbv: &prost_types::Value, v: &mut Violations) -> Opti
     Some(value)
 }
 
-fn json_struct(field: &str, s: Option<&prost_types::Struct>, v: &mut Violations) -> Map<String, Value> {
+fn json_struct(
+    field: &str,
+    s: Option<&prost_types::Struct>,
+    v: &mut Violations,
+) -> Map<String, Value> {
     let Some(s) = s else { return Map::new() };
     let wrapped = prost_types::Value {
         kind: Some(prost_types::value::Kind::StructValue(s.clone())),
@@ -71,14 +83,21 @@ fn optional_chars(field: &str, s: String, max: usize, v: &mut Violations) -> Opt
     v.check(field, check_chars(s, 0, max))
 }
 
-fn timestamp(field: &str, t: Option<&prost_types::Timestamp>, v: &mut Violations) -> Option<crate::domain::Timestamp> {
+fn timestamp(
+    field: &str,
+    t: Option<&prost_types::Timestamp>,
+    v: &mut Violations,
+) -> Option<crate::domain::Timestamp> {
     t.and_then(|t| v.check(field, convert::from_timestamp(t)))
 }
 
 fn state_type(field: &str, t: i32, v: &mut Violations) -> Option<StateType> {
     let parsed = convert::from_state_type(t);
     if parsed.is_none() {
-        v.add(field, "must be a state type other than STATE_TYPE_UNSPECIFIED");
+        v.add(
+            field,
+            "must be a state type other than STATE_TYPE_UNSPECIFIED",
+        );
     }
     parsed
 }
@@ -87,14 +106,22 @@ fn state_types(field: &str, types: &[i32], v: &mut Violations) -> Vec<StateType>
     if types.len() > MAX_FILTER_ITEMS {
         v.add(field, format!("at most {MAX_FILTER_ITEMS} items"));
     }
-    types.iter().filter_map(|t| state_type(field, *t, v)).collect()
+    types
+        .iter()
+        .filter_map(|t| state_type(field, *t, v))
+        .collect()
 }
 
 fn details(prefix: &str, d: Option<pb::StateDetails>, v: &mut Violations) -> StateDetails {
-    let Some(d) = d else { return StateDetails::default() };
+    let Some(d) = d else {
+        return StateDetails::default();
+    };
     let f = |name: &str| format!("{prefix}.{name}");
     if d.run_input_keyset.len() > MAX_KEYSET_KEYS {
-        v.add(f("run_input_keyset"), format!("at most {MAX_KEYSET_KEYS} keys"));
+        v.add(
+            f("run_input_keyset"),
+            format!("at most {MAX_KEYSET_KEYS} keys"),
+        );
     }
     StateDetails {
         scheduled_time: timestamp(&f("scheduled_time"), d.scheduled_time.as_ref(), v),
@@ -105,25 +132,43 @@ fn details(prefix: &str, d: Option<pb::StateDetails>, v: &mut Violations) -> Sta
         run_input_keyset: d.run_input_keyset,
         refresh_cache: d.refresh_cache,
         retriable: d.retriable,
-        transition_id: optional_chars(&f("transition_id"), d.transition_id, MAX_TRANSITION_ID_CHARS, v),
+        transition_id: optional_chars(
+            &f("transition_id"),
+            d.transition_id,
+            MAX_TRANSITION_ID_CHARS,
+            v,
+        ),
     }
 }
 
 /// A proposed state; `field` names it in violations ("state",
 /// "initial_state").
-fn state_create(field: &str, s: Option<pb::StateCreate>, v: &mut Violations) -> Option<StateProposal> {
+fn state_create(
+    field: &str,
+    s: Option<pb::StateCreate>,
+    v: &mut Violations,
+) -> Option<StateProposal> {
     let Some(s) = s else {
         v.add(field, "is required");
         return None;
     };
     let state_type = state_type(&format!("{field}.type"), s.r#type, v);
     let name = v
-        .check(&format!("{field}.name"), check_chars(s.name, 0, MAX_NAME_CHARS))
+        .check(
+            &format!("{field}.name"),
+            check_chars(s.name, 0, MAX_NAME_CHARS),
+        )
         .unwrap_or_default();
     let message = v
-        .check(&format!("{field}.message"), check_chars(s.message, 0, MAX_MESSAGE_CHARS))
+        .check(
+            &format!("{field}.message"),
+            check_chars(s.message, 0, MAX_MESSAGE_CHARS),
+        )
         .unwrap_or_default();
-    let data = s.data.as_ref().and_then(|d| json_value(&format!("{field}.data"), d, v));
+    let data = s
+        .data
+        .as_ref()
+        .and_then(|d| json_value(&format!("{field}.data"), d, v));
     let details = details(&format!("{field}.details"), s.details, v);
     Some(StateProposal {
         state_type: state_type?,
@@ -146,7 +191,9 @@ fn initial_state(s: Option<pb::StateCreate>, v: &mut Violations) -> Option<State
 pub(crate) fn new_execution(r: pb::CreateExecutionRequest) -> Result<NewExecution, Violations> {
     let mut v = Violations::new();
     let task_id = optional_chars("task_id", r.task_id, MAX_TASK_ID_CHARS, &mut v);
-    let name = v.check("name", check_chars(r.name, 0, MAX_NAME_CHARS)).unwrap_or_default();
+    let name = v
+        .check("name", check_chars(r.name, 0, MAX_NAME_CHARS))
+        .unwrap_or_default();
     let input = json_struct("input", r.input.as_ref(), &mut v);
     let goal = if r.goal.is_empty() {
         None
@@ -157,12 +204,18 @@ pub(crate) fn new_execution(r: pb::CreateExecutionRequest) -> Result<NewExecutio
     let config_profile = v.check("config_profile", ConfigProfile::parse(&r.config_profile));
     let o = r.config_overrides.unwrap_or_default();
     let config_overrides = ConfigOverrides {
-        temperature: o
-            .temperature
-            .and_then(|t| v.check("config_overrides.temperature", ConfigOverrides::check_temperature(t))),
-        max_tokens: o
-            .max_tokens
-            .and_then(|n| v.check("config_overrides.max_tokens", ConfigOverrides::check_max_tokens(n))),
+        temperature: o.temperature.and_then(|t| {
+            v.check(
+                "config_overrides.temperature",
+                ConfigOverrides::check_temperature(t),
+            )
+        }),
+        max_tokens: o.max_tokens.and_then(|n| {
+            v.check(
+                "config_overrides.max_tokens",
+                ConfigOverrides::check_max_tokens(n),
+            )
+        }),
         model: o
             .model
             .and_then(|m| v.check("config_overrides.model", ConfigOverrides::check_model(m))),
@@ -198,7 +251,9 @@ pub(crate) fn new_task_run(r: pb::CreateTaskRunRequest) -> Result<NewTaskRun, Vi
         v.check("task_key", check_chars(r.task_key, 1, MAX_KEY_CHARS))
     };
     let dynamic_key = optional_chars("dynamic_key", r.dynamic_key, MAX_KEY_CHARS, &mut v);
-    let name = v.check("name", check_chars(r.name, 0, MAX_NAME_CHARS)).unwrap_or_default();
+    let name = v
+        .check("name", check_chars(r.name, 0, MAX_NAME_CHARS))
+        .unwrap_or_default();
     let parent_task_run_id = if r.parent_task_run_id.is_empty() {
         None
     } else {
@@ -221,8 +276,14 @@ pub(crate) fn new_task_run(r: pb::CreateTaskRunRequest) -> Result<NewTaskRun, Vi
     if r.tags.len() > MAX_TAGS {
         v.add("tags", format!("at most {MAX_TAGS} tags"));
     }
-    if r.tags.iter().any(|t| t.is_empty() || t.chars().count() > MAX_TAG_CHARS) {
-        v.add("tags", format!("each tag must be 1 to {MAX_TAG_CHARS} characters"));
+    if r.tags
+        .iter()
+        .any(|t| t.is_empty() || t.chars().count() > MAX_TAG_CHARS)
+    {
+        v.add(
+            "tags",
+            format!("each tag must be 1 to {MAX_TAG_CHARS} characters"),
+        );
     }
     check_string_map("labels", &r.labels, &mut v);
     let input = match &r.input {
@@ -269,9 +330,18 @@ pub(crate) fn proposal(r: SetState, v: &mut Violations) -> Option<(Proposal, Pay
         v.add("output", "only allowed when state.type is COMPLETED");
     }
     let error = r.error.map(|e| ErrorInfo {
-        message: v.check("error.message", check_chars(e.message, 0, MAX_MESSAGE_CHARS)).unwrap_or_default(),
-        error_type: v.check("error.type", check_chars(e.r#type, 0, MAX_NAME_CHARS)).unwrap_or_default(),
-        traceback: v.check("error.traceback", check_chars(e.traceback, 0, 100_000)).unwrap_or_default(),
+        message: v
+            .check(
+                "error.message",
+                check_chars(e.message, 0, MAX_MESSAGE_CHARS),
+            )
+            .unwrap_or_default(),
+        error_type: v
+            .check("error.type", check_chars(e.r#type, 0, MAX_NAME_CHARS))
+            .unwrap_or_default(),
+        traceback: v
+            .check("error.traceback", check_chars(e.traceback, 0, 100_000))
+            .unwrap_or_default(),
     });
     if error.is_some() && to.is_some_and(|t| !matches!(t, StateType::Failed | StateType::Crashed)) {
         v.add("error", "only allowed when state.type is FAILED or CRASHED");
@@ -296,14 +366,20 @@ pub(crate) fn page(size: i32, token: &str, v: &mut Violations) -> Option<Page> {
     }
 }
 
-fn filter_pairs(field: &str, m: &BTreeMap<String, String>, v: &mut Violations) -> Vec<(String, String)> {
+fn filter_pairs(
+    field: &str,
+    m: &BTreeMap<String, String>,
+    v: &mut Violations,
+) -> Vec<(String, String)> {
     if m.len() > MAX_FILTER_ITEMS {
         v.add(field, format!("at most {MAX_FILTER_ITEMS} pairs"));
     }
     convert::pairs(m)
 }
 
-pub(crate) fn execution_list(r: pb::ListExecutionsRequest) -> Result<(ExecutionFilter, Page), Violations> {
+pub(crate) fn execution_list(
+    r: pb::ListExecutionsRequest,
+) -> Result<(ExecutionFilter, Page), Violations> {
     let mut v = Violations::new();
     let page = page(r.page_size, &r.page_token, &mut v);
     let filter = ExecutionFilter {
@@ -317,7 +393,9 @@ pub(crate) fn execution_list(r: pb::ListExecutionsRequest) -> Result<(ExecutionF
     v.finish(|| (filter, page.expect("checked")))
 }
 
-pub(crate) fn task_run_list(r: pb::ListTaskRunsRequest) -> Result<(TaskRunFilter, Page), Violations> {
+pub(crate) fn task_run_list(
+    r: pb::ListTaskRunsRequest,
+) -> Result<(TaskRunFilter, Page), Violations> {
     let mut v = Violations::new();
     let page = page(r.page_size, &r.page_token, &mut v);
     let execution_id = if r.execution_id.is_empty() {
@@ -345,8 +423,15 @@ pub(crate) fn after_sequence(after: i64, v: &mut Violations) -> i64 {
     after.max(0)
 }
 
-pub(crate) fn event_filter(r: &pb::SubscribeRequest, v: &mut Violations) -> crate::stream::EventFilter {
-    for (field, n) in [("task_ids", r.task_ids.len()), ("execution_ids", r.execution_ids.len()), ("kinds", r.kinds.len())] {
+pub(crate) fn event_filter(
+    r: &pb::SubscribeRequest,
+    v: &mut Violations,
+) -> crate::stream::EventFilter {
+    for (field, n) in [
+        ("task_ids", r.task_ids.len()),
+        ("execution_ids", r.execution_ids.len()),
+        ("kinds", r.kinds.len()),
+    ] {
         if n > MAX_FILTER_ITEMS {
             v.add(field, format!("at most {MAX_FILTER_ITEMS} items"));
         }
@@ -355,8 +440,12 @@ pub(crate) fn event_filter(r: &pb::SubscribeRequest, v: &mut Violations) -> crat
         v.check("execution_ids", ExecutionId::parse(id));
     }
     for k in &r.kinds {
-        if !matches!(pb::EventKind::try_from(*k), Ok(k) if k != pb::EventKind::Unspecified && k != pb::EventKind::Snapshot) {
-            v.add("kinds", "must be CREATED, STATE_CHANGED, UPDATED or DELETED");
+        if !matches!(pb::EventKind::try_from(*k), Ok(k) if k != pb::EventKind::Unspecified && k != pb::EventKind::Snapshot)
+        {
+            v.add(
+                "kinds",
+                "must be CREATED, STATE_CHANGED, UPDATED or DELETED",
+            );
         }
     }
     let state_types = state_types("state_types", &r.state_types, v);
@@ -386,7 +475,11 @@ mod tests {
 
     #[test]
     fn a_valid_execution_request_gets_its_defaults() {
-        let e = new_execution(pb::CreateExecutionRequest { goal: "g".into(), ..Default::default() }).unwrap();
+        let e = new_execution(pb::CreateExecutionRequest {
+            goal: "g".into(),
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(e.max_depth, 3);
         assert_eq!(e.config_profile, ConfigProfile::General);
         assert!(e.input.is_empty());
@@ -405,7 +498,10 @@ mod tests {
             }),
             task_id: "t".repeat(201),
             request_id: "r".repeat(101),
-            initial_state: Some(pb::StateCreate { r#type: 0, ..Default::default() }),
+            initial_state: Some(pb::StateCreate {
+                r#type: 0,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let v = new_execution(r).unwrap_err();
@@ -430,7 +526,10 @@ mod tests {
         let mut v = Violations::new();
         proposal(
             SetState {
-                state: Some(pb::StateCreate { r#type: pb::StateType::Running as i32, ..Default::default() }),
+                state: Some(pb::StateCreate {
+                    r#type: pb::StateType::Running as i32,
+                    ..Default::default()
+                }),
                 output: Some(convert::value(&serde_json::json!(1))),
                 error: Some(pb::ErrorInfo::default()),
                 force: false,

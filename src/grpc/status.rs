@@ -44,13 +44,17 @@ mod tests {
         v.add("goal", "must not be blank");
         let status = Status::from(Error::InvalidArgument(v));
         assert_eq!(status.code(), Code::InvalidArgument);
-        let bad = status.get_details_bad_request().expect("a BadRequest detail");
+        let bad = status
+            .get_details_bad_request()
+            .expect("a BadRequest detail");
         assert_eq!(bad.field_violations[0].field, "goal");
     }
 
     #[test]
     fn internal_causes_are_not_sent() {
-        let status = Status::from(Error::Internal("database: disk I/O error at /secret/path".into()));
+        let status = Status::from(Error::Internal(
+            "database: disk I/O error at /secret/path".into(),
+        ));
         assert_eq!(status.code(), Code::Internal);
         assert_eq!(status.message(), "internal error");
     }

@@ -57,7 +57,9 @@ impl Streams {
         let scope = LogScope::Execution(tenant.clone(), id);
         let ending = Ending::Execution(id.to_string());
         if after == 0 {
-            let snap = store.execution_snapshot(&tenant, id, include_task_runs).await?;
+            let snap = store
+                .execution_snapshot(&tenant, id, include_task_runs)
+                .await?;
             let (exec, seq) = snap
                 .execution
                 .ok_or_else(|| crate::orchestration::execution_not_found(id))?;
@@ -68,18 +70,41 @@ impl Streams {
                     .map(|(t, s)| convert::snapshot(Resource::TaskRun(t), *s)),
             );
             let ended = exec.run.state.state_type.is_terminal();
-            let sub = Subscription::new(store, rx, scope, filter, ending, self.shutdown.clone(), snap.head, false);
+            let sub = Subscription::new(
+                store,
+                rx,
+                scope,
+                filter,
+                ending,
+                self.shutdown.clone(),
+                snap.head,
+                false,
+            );
             Ok(sub.prepend(events, ended))
         } else {
             let (exec, last_seq) = self.ledger.execution(caller, id).await?;
             self.check_cursor(after).await?;
             let ended = exec.run.state.state_type.is_terminal() && last_seq <= after;
-            let sub = Subscription::new(store, rx, scope, filter, ending, self.shutdown.clone(), after, true);
+            let sub = Subscription::new(
+                store,
+                rx,
+                scope,
+                filter,
+                ending,
+                self.shutdown.clone(),
+                after,
+                true,
+            );
             Ok(sub.prepend(Vec::new(), ended))
         }
     }
 
-    pub(crate) async fn task_run(&self, caller: &Caller, id: TaskRunId, after: i64) -> Result<Subscription> {
+    pub(crate) async fn task_run(
+        &self,
+        caller: &Caller,
+        id: TaskRunId,
+        after: i64,
+    ) -> Result<Subscription> {
         let rx = self.feed.subscribe();
         let store = self.ledger.store().clone();
         let tenant = caller.tenant_id.clone();
@@ -94,18 +119,41 @@ impl Streams {
             let (run, seq) = run.ok_or_else(|| crate::orchestration::task_run_not_found(id))?;
             let ended = run.run.state.state_type.is_terminal();
             let events = vec![convert::snapshot(Resource::TaskRun(&run), seq)];
-            let sub = Subscription::new(store, rx, scope, filter, ending, self.shutdown.clone(), head, false);
+            let sub = Subscription::new(
+                store,
+                rx,
+                scope,
+                filter,
+                ending,
+                self.shutdown.clone(),
+                head,
+                false,
+            );
             Ok(sub.prepend(events, ended))
         } else {
             let (run, last_seq) = self.ledger.task_run(caller, id).await?;
             self.check_cursor(after).await?;
             let ended = run.run.state.state_type.is_terminal() && last_seq <= after;
-            let sub = Subscription::new(store, rx, scope, filter, ending, self.shutdown.clone(), after, true);
+            let sub = Subscription::new(
+                store,
+                rx,
+                scope,
+                filter,
+                ending,
+                self.shutdown.clone(),
+                after,
+                true,
+            );
             Ok(sub.prepend(Vec::new(), ended))
         }
     }
 
-    pub(crate) async fn tenant(&self, caller: &Caller, filter: EventFilter, after: i64) -> Result<Subscription> {
+    pub(crate) async fn tenant(
+        &self,
+        caller: &Caller,
+        filter: EventFilter,
+        after: i64,
+    ) -> Result<Subscription> {
         let rx = self.feed.subscribe();
         let store = self.ledger.store().clone();
         let scope = LogScope::Tenant(caller.tenant_id.clone());
@@ -116,12 +164,24 @@ impl Streams {
             self.check_cursor(after).await?;
             (after, true)
         };
-        Ok(Subscription::new(store, rx, scope, filter, Ending::Never, self.shutdown.clone(), start, read_log))
+        Ok(Subscription::new(
+            store,
+            rx,
+            scope,
+            filter,
+            Ending::Never,
+            self.shutdown.clone(),
+            start,
+            read_log,
+        ))
     }
 }
 
 /// Serves a subscription as a response stream.
-pub(crate) fn serve<R: Send + 'static>(sub: Subscription, wrap: fn(pb::StatusEvent) -> R) -> EventStream<R> {
+pub(crate) fn serve<R: Send + 'static>(
+    sub: Subscription,
+    wrap: fn(pb::StatusEvent) -> R,
+) -> EventStream<R> {
     Box::pin(futures::stream::unfold(sub, move |mut sub| async move {
         let item = sub.next().await?;
         Some((item.map(wrap).map_err(Status::from), sub))

@@ -51,7 +51,9 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
         let caller = caller(&req)?;
         let mut v = Violations::new();
         let id = requests::task_run_id("id", &req.get_ref().id, &mut v);
-        let id = v.finish(|| id.expect("checked")).map_err(crate::Error::from)?;
+        let id = v
+            .finish(|| id.expect("checked"))
+            .map_err(crate::Error::from)?;
         let (run, _) = self.ledger().task_run(&caller, id).await?;
         Ok(Response::new(pb::GetTaskRunResponse {
             task_run: Some(convert::task_run(&run)),
@@ -64,8 +66,12 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
         req: Request<pb::ListTaskRunsRequest>,
     ) -> Result<Response<pb::ListTaskRunsResponse>, Status> {
         let caller = caller(&req)?;
-        let (filter, page) = requests::task_run_list(req.into_inner()).map_err(crate::Error::from)?;
-        let (items, next) = self.ledger().list_task_runs(&caller, &filter, &page).await?;
+        let (filter, page) =
+            requests::task_run_list(req.into_inner()).map_err(crate::Error::from)?;
+        let (items, next) = self
+            .ledger()
+            .list_task_runs(&caller, &filter, &page)
+            .await?;
         Ok(Response::new(pb::ListTaskRunsResponse {
             task_runs: items.iter().map(convert::task_run).collect(),
             next_page_token: next.map(|c| c.to_token()).unwrap_or_default(),
@@ -94,7 +100,10 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
         let (id, (proposal, payload)) = v
             .finish(|| (id.expect("checked"), proposal.expect("checked")))
             .map_err(crate::Error::from)?;
-        let o = self.ledger().set_task_run_state(&caller, id, proposal, payload).await?;
+        let o = self
+            .ledger()
+            .set_task_run_state(&caller, id, proposal, payload)
+            .await?;
         Ok(Response::new(pb::SetTaskRunStateResponse {
             status: set_state_status(o.status),
             state: Some(convert::state(&o.state)),
@@ -115,7 +124,9 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
         &self,
         _req: Request<pb::MarkTaskRunStaleRequest>,
     ) -> Result<Response<pb::MarkTaskRunStaleResponse>, Status> {
-        Err(Status::unimplemented("MarkTaskRunStale is not available yet"))
+        Err(Status::unimplemented(
+            "MarkTaskRunStale is not available yet",
+        ))
     }
 
     type StreamTaskRunStatusStream = EventStream<pb::StreamTaskRunStatusResponse>;
@@ -130,7 +141,9 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
         let mut v = Violations::new();
         let id = requests::task_run_id("id", &r.id, &mut v);
         let after = requests::after_sequence(r.after_sequence, &mut v);
-        let id = v.finish(|| id.expect("checked")).map_err(crate::Error::from)?;
+        let id = v
+            .finish(|| id.expect("checked"))
+            .map_err(crate::Error::from)?;
         let sub = self.streams.task_run(&caller, id, after).await?;
         Ok(Response::new(streams::serve(sub, |event| {
             pb::StreamTaskRunStatusResponse { event: Some(event) }
@@ -148,16 +161,23 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
         let states = match (r.execution_id.is_empty(), r.task_run_id.is_empty()) {
             (false, true) => {
                 let id = requests::execution_id("execution_id", &r.execution_id, &mut v);
-                let id = v.finish(|| id.expect("checked")).map_err(crate::Error::from)?;
+                let id = v
+                    .finish(|| id.expect("checked"))
+                    .map_err(crate::Error::from)?;
                 self.ledger().execution_states(&caller, id).await?
             }
             (true, false) => {
                 let id = requests::task_run_id("task_run_id", &r.task_run_id, &mut v);
-                let id = v.finish(|| id.expect("checked")).map_err(crate::Error::from)?;
+                let id = v
+                    .finish(|| id.expect("checked"))
+                    .map_err(crate::Error::from)?;
                 self.ledger().task_run_states(&caller, id).await?
             }
             _ => {
-                v.add("execution_id", "exactly one of execution_id and task_run_id is required");
+                v.add(
+                    "execution_id",
+                    "exactly one of execution_id and task_run_id is required",
+                );
                 return Err(crate::Error::from(v).into());
             }
         };

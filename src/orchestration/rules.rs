@@ -45,7 +45,10 @@ pub enum Decision {
     /// Nothing changes; the reason says why.
     Reject { reason: String },
     /// Nothing changes yet; propose again after `retry_after`.
-    Wait { reason: String, retry_after: Duration },
+    Wait {
+        reason: String,
+        retry_after: Duration,
+    },
     /// Nothing changes, and it never will for this proposal.
     Abort { reason: String },
 }
@@ -227,8 +230,20 @@ mod tests {
     #[test]
     fn plain_lifecycle_is_accepted() {
         use StateType::*;
-        for (from, to) in [(Pending, Running), (Running, Completed), (Running, Failed), (Scheduled, Pending), (Running, Paused), (Paused, Running), (Cancelling, Cancelled)] {
-            assert_eq!(decide(&state(from), &propose(to), &ctx()), Decision::Accept, "{from:?} -> {to:?}");
+        for (from, to) in [
+            (Pending, Running),
+            (Running, Completed),
+            (Running, Failed),
+            (Scheduled, Pending),
+            (Running, Paused),
+            (Paused, Running),
+            (Cancelling, Cancelled),
+        ] {
+            assert_eq!(
+                decide(&state(from), &propose(to), &ctx()),
+                Decision::Accept,
+                "{from:?} -> {to:?}"
+            );
         }
     }
 
@@ -270,7 +285,11 @@ mod tests {
     #[test]
     fn same_type_is_rejected() {
         for t in StateType::ALL.into_iter().filter(|t| !t.is_terminal()) {
-            assert_eq!(decide(&state(t), &propose(t), &ctx()).status(), Status::Reject, "{t:?}");
+            assert_eq!(
+                decide(&state(t), &propose(t), &ctx()).status(),
+                Status::Reject,
+                "{t:?}"
+            );
         }
     }
 
@@ -280,14 +299,25 @@ mod tests {
         s.details.scheduled_time = T0.checked_add(Duration::from_secs(30));
         for to in [StateType::Pending, StateType::Running] {
             match decide(&s, &propose(to), &ctx()) {
-                Decision::Wait { retry_after, .. } => assert_eq!(retry_after, Duration::from_secs(30)),
+                Decision::Wait { retry_after, .. } => {
+                    assert_eq!(retry_after, Duration::from_secs(30))
+                }
                 d => panic!("expected WAIT, got {d:?}"),
             }
         }
         // Other moves are not held back, and the time passing releases it.
-        assert_eq!(decide(&s, &propose(StateType::Cancelled), &ctx()), Decision::Accept);
-        let later = Context { now: T0.checked_add(Duration::from_secs(31)).unwrap(), ..ctx() };
-        assert_eq!(decide(&s, &propose(StateType::Running), &later), Decision::Accept);
+        assert_eq!(
+            decide(&s, &propose(StateType::Cancelled), &ctx()),
+            Decision::Accept
+        );
+        let later = Context {
+            now: T0.checked_add(Duration::from_secs(31)).unwrap(),
+            ..ctx()
+        };
+        assert_eq!(
+            decide(&s, &propose(StateType::Running), &later),
+            Decision::Accept
+        );
     }
 
     #[test]
@@ -295,7 +325,10 @@ mod tests {
         use StateType::*;
         let from = state(Pending);
         for exec in StateType::ALL {
-            let c = Context { execution_state: Some(exec), ..ctx() };
+            let c = Context {
+                execution_state: Some(exec),
+                ..ctx()
+            };
             let status = decide(&from, &propose(Running), &c).status();
             let expected = match exec {
                 Running => Status::Accept,
@@ -316,15 +349,44 @@ mod tests {
         let t2 = T0.checked_add(Duration::from_secs(4)).unwrap();
         let t3 = T0.checked_add(Duration::from_secs(6)).unwrap();
         let t4 = T0.checked_add(Duration::from_secs(7)).unwrap();
-        apply_accepted(&mut run, StateProposal::of_type(StateType::Running).into_state(t1), Payload::default(), "bob");
-        assert_eq!((run.run_count, run.transition_count, run.start_time), (1, 1, Some(t1)));
-        apply_accepted(&mut run, StateProposal::of_type(StateType::Scheduled).into_state(t2), Payload::default(), "bob");
+        apply_accepted(
+            &mut run,
+            StateProposal::of_type(StateType::Running).into_state(t1),
+            Payload::default(),
+            "bob",
+        );
+        assert_eq!(
+            (run.run_count, run.transition_count, run.start_time),
+            (1, 1, Some(t1))
+        );
+        apply_accepted(
+            &mut run,
+            StateProposal::of_type(StateType::Scheduled).into_state(t2),
+            Payload::default(),
+            "bob",
+        );
         assert_eq!(run.total_run_time_us, 3_000_000);
         assert_eq!(run.next_scheduled_start_time, Some(t2));
-        apply_accepted(&mut run, StateProposal::of_type(StateType::Running).into_state(t3), Payload::default(), "bob");
-        assert_eq!((run.run_count, run.start_time, run.next_scheduled_start_time), (2, Some(t1), None));
-        let out = Payload { output: Some(serde_json::json!({"ok": true})), error: None };
-        apply_accepted(&mut run, StateProposal::of_type(StateType::Completed).into_state(t4), out, "carol");
+        apply_accepted(
+            &mut run,
+            StateProposal::of_type(StateType::Running).into_state(t3),
+            Payload::default(),
+            "bob",
+        );
+        assert_eq!(
+            (run.run_count, run.start_time, run.next_scheduled_start_time),
+            (2, Some(t1), None)
+        );
+        let out = Payload {
+            output: Some(serde_json::json!({"ok": true})),
+            error: None,
+        };
+        apply_accepted(
+            &mut run,
+            StateProposal::of_type(StateType::Completed).into_state(t4),
+            out,
+            "carol",
+        );
         assert_eq!(run.total_run_time_us, 4_000_000);
         assert_eq!(run.end_time, Some(t4));
         assert_eq!(run.transition_count, 4);

@@ -13,7 +13,7 @@ use crate::{
         Caller, EffectiveConfig, Event, EventKind, Execution, ExecutionId, NewExecution,
         NewTaskRun, Resource, RunCore, State, StateProposal, StateType, TaskRun, TaskRunId,
     },
-    store::{ExecutionFilter, Page, Store, TaskRunFilter, WriteTx, Cursor},
+    store::{Cursor, ExecutionFilter, Page, Store, TaskRunFilter, WriteTx},
 };
 
 /// The result of a proposed transition.
@@ -52,8 +52,13 @@ impl Ledger {
 
     /// Returns the execution and whether it was created (false when the
     /// request_id matched an earlier identical request).
-    pub async fn create_execution(&self, caller: &Caller, new: NewExecution) -> Result<(Execution, bool)> {
-        let fingerprint: Option<Arc<str>> = new.request_id.as_ref().map(|_| new.fingerprint().into());
+    pub async fn create_execution(
+        &self,
+        caller: &Caller,
+        new: NewExecution,
+    ) -> Result<(Execution, bool)> {
+        let fingerprint: Option<Arc<str>> =
+            new.request_id.as_ref().map(|_| new.fingerprint().into());
         let new = Arc::new(new);
         let caller = caller.clone();
         self.store
@@ -64,7 +69,11 @@ impl Ledger {
             .await
     }
 
-    pub async fn create_task_run(&self, caller: &Caller, new: NewTaskRun) -> Result<(TaskRun, bool)> {
+    pub async fn create_task_run(
+        &self,
+        caller: &Caller,
+        new: NewTaskRun,
+    ) -> Result<(TaskRun, bool)> {
         let new = Arc::new(new);
         let caller = caller.clone();
         self.store
@@ -92,9 +101,21 @@ impl Ledger {
                         .execution(&caller.tenant_id, id)
                         .await?
                         .ok_or_else(|| execution_not_found(id))?;
-                    let ctx = Context { now: tx.now(), execution_state: None };
+                    let ctx = Context {
+                        now: tx.now(),
+                        execution_state: None,
+                    };
                     let task_id = exec.task_id.clone();
-                    transition(tx, caller, &mut exec, proposal, payload, &ctx, task_id.as_deref()).await
+                    transition(
+                        tx,
+                        caller,
+                        &mut exec,
+                        proposal,
+                        payload,
+                        &ctx,
+                        task_id.as_deref(),
+                    )
+                    .await
                 })
             })
             .await
@@ -125,7 +146,16 @@ impl Ledger {
                         now: tx.now(),
                         execution_state: Some(exec.run.state.state_type),
                     };
-                    transition(tx, caller, &mut run, proposal, payload, &ctx, exec.task_id.as_deref()).await
+                    transition(
+                        tx,
+                        caller,
+                        &mut run,
+                        proposal,
+                        payload,
+                        &ctx,
+                        exec.task_id.as_deref(),
+                    )
+                    .await
                 })
             })
             .await
@@ -151,7 +181,9 @@ impl Ledger {
         filter: &ExecutionFilter,
         page: &Page,
     ) -> Result<(Vec<Execution>, Option<Cursor>)> {
-        self.store.list_executions(&caller.tenant_id, filter, page).await
+        self.store
+            .list_executions(&caller.tenant_id, filter, page)
+            .await
     }
 
     pub async fn list_task_runs(
@@ -160,7 +192,9 @@ impl Ledger {
         filter: &TaskRunFilter,
         page: &Page,
     ) -> Result<(Vec<TaskRun>, Option<Cursor>)> {
-        self.store.list_task_runs(&caller.tenant_id, filter, page).await
+        self.store
+            .list_task_runs(&caller.tenant_id, filter, page)
+            .await
     }
 
     /// The state history of an execution or a task run, oldest first.
@@ -190,7 +224,10 @@ async fn create_execution(
     fingerprint: Option<&str>,
 ) -> Result<(Execution, bool)> {
     if let Some(request_id) = &new.request_id {
-        if let Some((existing, hash)) = tx.execution_by_request_id(&caller.tenant_id, request_id).await? {
+        if let Some((existing, hash)) = tx
+            .execution_by_request_id(&caller.tenant_id, request_id)
+            .await?
+        {
             return if Some(hash.as_str()) == fingerprint {
                 Ok((existing, false))
             } else {
@@ -227,7 +264,11 @@ async fn create_execution(
     Ok((execution, true))
 }
 
-async fn create_task_run(tx: &mut WriteTx<'_>, caller: &Caller, new: &NewTaskRun) -> Result<(TaskRun, bool)> {
+async fn create_task_run(
+    tx: &mut WriteTx<'_>,
+    caller: &Caller,
+    new: &NewTaskRun,
+) -> Result<(TaskRun, bool)> {
     let tenant = &caller.tenant_id;
     let exec = tx
         .execution(tenant, new.execution_id)
@@ -242,12 +283,14 @@ async fn create_task_run(tx: &mut WriteTx<'_>, caller: &Caller, new: &NewTaskRun
     if exec_state.is_terminal() || exec_state == StateType::Cancelling {
         return Err(Error::FailedPrecondition(format!(
             "execution {} is {}; it takes no new task runs",
-            exec.id,
-            exec.run.state.name
+            exec.id, exec.run.state.name
         )));
     }
     if exec.run.deleted_at.is_some() {
-        return Err(Error::FailedPrecondition(format!("execution {} is deleted", exec.id)));
+        return Err(Error::FailedPrecondition(format!(
+            "execution {} is deleted",
+            exec.id
+        )));
     }
     let depth = match new.parent_task_run_id {
         None => 1,
@@ -317,11 +360,19 @@ async fn create_task_run(tx: &mut WriteTx<'_>, caller: &Caller, new: &NewTaskRun
 
 /// The smallest free zero-based index at or above the count of the task
 /// key's runs.
-async fn next_dynamic_key(tx: &mut WriteTx<'_>, execution: ExecutionId, task_key: &str) -> Result<String> {
+async fn next_dynamic_key(
+    tx: &mut WriteTx<'_>,
+    execution: ExecutionId,
+    task_key: &str,
+) -> Result<String> {
     let mut n = tx.count_task_runs_for_key(execution, task_key).await?;
     loop {
         let key = n.to_string();
-        if tx.task_run_by_key(execution, task_key, &key).await?.is_none() {
+        if tx
+            .task_run_by_key(execution, task_key, &key)
+            .await?
+            .is_none()
+        {
             return Ok(key);
         }
         n += 1;
@@ -354,7 +405,11 @@ impl Tracked for Execution {
     fn resource(&self) -> Resource<'_> {
         Resource::Execution(self)
     }
-    fn save<'a>(&'a self, tx: &'a mut WriteTx<'_>, seq: i64) -> impl Future<Output = Result<()>> + Send + 'a {
+    fn save<'a>(
+        &'a self,
+        tx: &'a mut WriteTx<'_>,
+        seq: i64,
+    ) -> impl Future<Output = Result<()>> + Send + 'a {
         tx.save_execution(self, None, seq)
     }
 }
@@ -372,7 +427,11 @@ impl Tracked for TaskRun {
     fn resource(&self) -> Resource<'_> {
         Resource::TaskRun(self)
     }
-    fn save<'a>(&'a self, tx: &'a mut WriteTx<'_>, seq: i64) -> impl Future<Output = Result<()>> + Send + 'a {
+    fn save<'a>(
+        &'a self,
+        tx: &'a mut WriteTx<'_>,
+        seq: i64,
+    ) -> impl Future<Output = Result<()>> + Send + 'a {
         tx.save_task_run(self, seq)
     }
 }
@@ -382,9 +441,14 @@ async fn record_creation(tx: &mut WriteTx<'_>, e: &Execution) -> Result<i64> {
 }
 
 /// The initial state's history row and the CREATED event.
-async fn record_creation_with<R: Tracked>(tx: &mut WriteTx<'_>, run: &R, task_id: Option<&str>) -> Result<i64> {
+async fn record_creation_with<R: Tracked>(
+    tx: &mut WriteTx<'_>,
+    run: &R,
+    task_id: Option<&str>,
+) -> Result<i64> {
     let core = run.core();
-    tx.append_state(run.resource().tenant_id(), &run.run_id(), &core.state).await?;
+    tx.append_state(run.resource().tenant_id(), &run.run_id(), &core.state)
+        .await?;
     tx.append_event(&Event {
         kind: EventKind::Created,
         occurred_at: core.created_at,
@@ -427,13 +491,17 @@ async fn transition<R: Tracked + Clone>(
     let (reason, retry_after) = match &decision {
         Decision::Accept => (String::new(), None),
         Decision::Reject { reason } | Decision::Abort { reason } => (reason.clone(), None),
-        Decision::Wait { reason, retry_after } => (reason.clone(), Some(*retry_after)),
+        Decision::Wait {
+            reason,
+            retry_after,
+        } => (reason.clone(), Some(*retry_after)),
     };
     if decision == Decision::Accept {
         let previous = run.core().state.state_type;
         let next = proposal.state.clone().into_state(ctx.now);
         rules::apply_accepted(run.core_mut(), next, payload.clone(), &caller.name);
-        tx.append_state(&caller.tenant_id, &run_id, &run.core().state).await?;
+        tx.append_state(&caller.tenant_id, &run_id, &run.core().state)
+            .await?;
         let seq = tx
             .append_event(&Event {
                 kind: EventKind::StateChanged,

@@ -8,15 +8,14 @@ mod writer;
 use std::{str::FromStr, time::Duration};
 
 use sqlx::{
-    QueryBuilder, Sqlite, SqliteConnection, SqlitePool,
+    Connection, QueryBuilder, Sqlite, SqliteConnection, SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-    Connection,
 };
 use tokio::sync::{mpsc, oneshot};
 
 pub use page::{Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page};
-pub use writer::WriteTx;
 pub(crate) use writer::TxFuture;
+pub use writer::WriteTx;
 
 use crate::{
     Error, Result,
@@ -92,7 +91,11 @@ pub type WriterTask = tokio::task::JoinHandle<()>;
 
 impl Store {
     /// Opens (creating and migrating if needed) the database at `url`.
-    pub async fn open(url: &str, durability: Durability, feed: Feed) -> Result<(Store, WriterTask)> {
+    pub async fn open(
+        url: &str,
+        durability: Durability,
+        feed: Feed,
+    ) -> Result<(Store, WriterTask)> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| Error::Internal(format!("database url: {e}")))?
             .create_if_missing(true)
@@ -110,7 +113,10 @@ impl Store {
             .run(&mut conn)
             .await
             .map_err(|e| Error::Internal(format!("migrating the database: {e}")))?;
-        let next_seq = sqlx::query_scalar::<_, i64>(HEAD_SQL).fetch_one(&mut conn).await? + 1;
+        let next_seq = sqlx::query_scalar::<_, i64>(HEAD_SQL)
+            .fetch_one(&mut conn)
+            .await?
+            + 1;
 
         let read = SqlitePoolOptions::new()
             .max_connections(8)
@@ -139,14 +145,19 @@ impl Store {
         answer.await.map_err(|_| Error::Unavailable)?
     }
 
-    pub async fn execution(&self, tenant: &str, id: ExecutionId) -> Result<Option<(Execution, i64)>> {
+    pub async fn execution(
+        &self,
+        tenant: &str,
+        id: ExecutionId,
+    ) -> Result<Option<(Execution, i64)>> {
         let row: Option<(String, i64)> =
             sqlx::query_as("SELECT doc, last_seq FROM executions WHERE tenant_id = ? AND id = ?")
                 .bind(tenant)
                 .bind(id.to_string())
                 .fetch_optional(&self.read)
                 .await?;
-        row.map(|(doc, seq)| Ok((rows::decode_doc(&doc)?, seq))).transpose()
+        row.map(|(doc, seq)| Ok((rows::decode_doc(&doc)?, seq)))
+            .transpose()
     }
 
     pub async fn task_run(&self, tenant: &str, id: TaskRunId) -> Result<Option<(TaskRun, i64)>> {
@@ -156,7 +167,8 @@ impl Store {
                 .bind(id.to_string())
                 .fetch_optional(&self.read)
                 .await?;
-        row.map(|(doc, seq)| Ok((rows::decode_doc(&doc)?, seq))).transpose()
+        row.map(|(doc, seq)| Ok((rows::decode_doc(&doc)?, seq)))
+            .transpose()
     }
 
     /// Newest first.
@@ -181,7 +193,13 @@ impl Store {
                 .push_bind(v.clone())
                 .push(")");
         }
-        push_common(&mut q, filter.created_after, filter.created_before, filter.show_deleted, page);
+        push_common(
+            &mut q,
+            filter.created_after,
+            filter.created_before,
+            filter.show_deleted,
+            page,
+        );
         let rows: Vec<(String, i64, String)> = q.build_query_as().fetch_all(&self.read).await?;
         page.split(rows)
     }
@@ -214,7 +232,13 @@ impl Store {
                 .push_bind(v.clone())
                 .push(")");
         }
-        push_common(&mut q, filter.created_after, filter.created_before, filter.show_deleted, page);
+        push_common(
+            &mut q,
+            filter.created_after,
+            filter.created_before,
+            filter.show_deleted,
+            page,
+        );
         let rows: Vec<(String, i64, String)> = q.build_query_as().fetch_all(&self.read).await?;
         page.split(rows)
     }
@@ -232,7 +256,12 @@ impl Store {
     }
 
     /// Up to `limit` events of `scope` with sequence above `after`, in order.
-    pub async fn events_after(&self, scope: &LogScope, after: i64, limit: i64) -> Result<Vec<LoggedEvent>> {
+    pub async fn events_after(
+        &self,
+        scope: &LogScope,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<LoggedEvent>> {
         let (sql, tenant, id) = match scope {
             LogScope::Tenant(t) => (
                 "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload FROM events \
@@ -291,7 +320,9 @@ impl Store {
                 .bind(id.to_string())
                 .fetch_optional(&mut *tx)
                 .await?;
-        let execution = row.map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s))).transpose()?;
+        let execution = row
+            .map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s)))
+            .transpose()?;
         let mut task_runs = Vec::new();
         if include_task_runs && execution.is_some() {
             let rows: Vec<(String, i64)> = sqlx::query_as(
@@ -305,11 +336,19 @@ impl Store {
             }
         }
         tx.commit().await?;
-        Ok(Snapshot { execution, task_runs, head })
+        Ok(Snapshot {
+            execution,
+            task_runs,
+            head,
+        })
     }
 
     /// A task run with the log head, read in one consistent transaction.
-    pub async fn task_run_snapshot(&self, tenant: &str, id: TaskRunId) -> Result<(Option<(TaskRun, i64)>, i64)> {
+    pub async fn task_run_snapshot(
+        &self,
+        tenant: &str,
+        id: TaskRunId,
+    ) -> Result<(Option<(TaskRun, i64)>, i64)> {
         let mut tx = self.read.begin().await?;
         let head: i64 = sqlx::query_scalar(HEAD_SQL).fetch_one(&mut *tx).await?;
         let row: Option<(String, i64)> =
@@ -319,13 +358,16 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?;
         tx.commit().await?;
-        let run = row.map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s))).transpose()?;
+        let run = row
+            .map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s)))
+            .transpose()?;
         Ok((run, head))
     }
 
     /// Removes events older than `cutoff` from the log, through the writer.
     pub async fn prune_events(&self, cutoff: Timestamp) -> Result<u64> {
-        self.write(move |tx| Box::pin(tx.prune_events(cutoff))).await
+        self.write(move |tx| Box::pin(tx.prune_events(cutoff)))
+            .await
     }
 
     /// Closes the read pool (the writer ends when every handle is dropped).

@@ -33,8 +33,14 @@ impl Cursor {
             return Err(bad());
         }
         let created_at = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-        let id = parts.next().filter(|id| uuid::Uuid::try_parse(id).is_ok()).ok_or_else(bad)?;
-        Ok(Cursor { created_at, id: id.to_owned() })
+        let id = parts
+            .next()
+            .filter(|id| uuid::Uuid::try_parse(id).is_ok())
+            .ok_or_else(bad)?;
+        Ok(Cursor {
+            created_at,
+            id: id.to_owned(),
+        })
     }
 }
 
@@ -51,7 +57,12 @@ impl Page {
         let size = match size {
             0 => DEFAULT_PAGE_SIZE,
             s if s > 0 && s as u32 <= MAX_PAGE_SIZE => s as u32,
-            _ => return Err(("page_size", format!("must be between 1 and {MAX_PAGE_SIZE}"))),
+            _ => {
+                return Err((
+                    "page_size",
+                    format!("must be between 1 and {MAX_PAGE_SIZE}"),
+                ));
+            }
         };
         let after = if token.is_empty() {
             None
@@ -70,10 +81,16 @@ impl Page {
         let more = rows.len() > self.size as usize;
         rows.truncate(self.size as usize);
         let next = match (more, rows.last()) {
-            (true, Some((_, created_at, id))) => Some(Cursor { created_at: *created_at, id: id.clone() }),
+            (true, Some((_, created_at, id))) => Some(Cursor {
+                created_at: *created_at,
+                id: id.clone(),
+            }),
             _ => None,
         };
-        let items = rows.iter().map(|(doc, _, _)| rows::decode_doc(doc)).collect::<Result<_>>()?;
+        let items = rows
+            .iter()
+            .map(|(doc, _, _)| rows::decode_doc(doc))
+            .collect::<Result<_>>()?;
         Ok((items, next))
     }
 }
@@ -84,7 +101,10 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_and_reject_garbage() {
-        let c = Cursor { created_at: 1_700_000_000_000_000, id: uuid::Uuid::now_v7().to_string() };
+        let c = Cursor {
+            created_at: 1_700_000_000_000_000,
+            id: uuid::Uuid::now_v7().to_string(),
+        };
         assert_eq!(Cursor::from_token(&c.to_token()).unwrap(), c);
         assert!(Cursor::from_token("garbage").is_err());
         assert!(Cursor::from_token(&URL_SAFE_NO_PAD.encode("v1:12:not-an-id")).is_err());

@@ -175,7 +175,11 @@ impl WriteTx<'_> {
     }
 
     /// The recorded first result of a transition_id, as JSON.
-    pub async fn transition(&mut self, run_id: &str, transition_id: &str) -> Result<Option<String>> {
+    pub async fn transition(
+        &mut self,
+        run_id: &str,
+        transition_id: &str,
+    ) -> Result<Option<String>> {
         Ok(sqlx::query_scalar(
             "SELECT result FROM transitions WHERE run_id = ? AND transition_id = ?",
         )
@@ -357,7 +361,8 @@ pub(crate) async fn run(
                         }
                         Err(e) => {
                             error!(error = %e, "write failed");
-                            one.pop().map(|op| op.finish(Some(Error::Internal(e.to_string()))));
+                            one.pop()
+                                .map(|op| op.finish(Some(Error::Internal(e.to_string()))));
                         }
                     }
                 }

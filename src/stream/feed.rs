@@ -9,10 +9,6 @@ use crate::{
     grpc::{convert, pb},
 };
 
-/// How many events the live feed holds for subscribers that are behind;
-/// one further behind reads from the log instead.
-const LIVE_BUFFER: usize = 4096;
-
 /// An event as the log holds it: its sequence, the ids streams select on,
 /// and the wire form of the event.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,15 +75,11 @@ pub struct Feed {
     tx: broadcast::Sender<Arc<LoggedEvent>>,
 }
 
-impl Default for Feed {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Feed {
-    pub fn new() -> Self {
-        let (tx, _) = broadcast::channel(LIVE_BUFFER);
+    /// Holds the latest `buffer` events for subscribers that are behind;
+    /// one further behind reads from the log instead.
+    pub fn new(buffer: usize) -> Self {
+        let (tx, _) = broadcast::channel(buffer);
         Feed { tx }
     }
 

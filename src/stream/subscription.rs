@@ -130,7 +130,10 @@ impl Subscription {
     }
 
     async fn read_log_page(&mut self) -> Result<()> {
-        let page = self.store.events_after(&self.scope, self.last, LOG_PAGE).await?;
+        let page = self
+            .store
+            .events_after(&self.scope, self.last, LOG_PAGE)
+            .await?;
         // Checked after the read: if retention removed anything past our
         // position, the page may have a hole.
         let compacted = self.store.compacted_seq().await?;
