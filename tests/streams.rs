@@ -509,7 +509,7 @@ async fn subscribe_filters_by_task_kind_state_and_metadata() {
     );
     assert_eq!(
         ids(&take(&mut by_state, 1, ev_sub).await),
-        [other.id.clone()]
+        std::slice::from_ref(&other.id)
     );
     // Executions with team=a only; task runs are excluded by default.
     assert_eq!(

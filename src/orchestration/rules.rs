@@ -72,15 +72,15 @@ pub fn decide(current: &State, proposal: &Proposal, ctx: &Context) -> Decision {
     let to = proposal.state.state_type;
 
     // Rule 2: the client expected another state.
-    if let Some(expected) = proposal.expected_state_id {
-        if expected != current.id {
-            return Decision::Reject {
-                reason: format!(
-                    "expected state {expected}, but the run is in state {} ({})",
-                    current.id, current.name
-                ),
-            };
-        }
+    if let Some(expected) = proposal.expected_state_id
+        && expected != current.id
+    {
+        return Decision::Reject {
+            reason: format!(
+                "expected state {expected}, but the run is in state {} ({})",
+                current.id, current.name
+            ),
+        };
     }
     if proposal.force {
         return Decision::Accept;
@@ -104,36 +104,36 @@ pub fn decide(current: &State, proposal: &Proposal, ctx: &Context) -> Decision {
         };
     }
     // Rule 6: scheduled runs wait for their time.
-    if from == StateType::Scheduled && matches!(to, StateType::Pending | StateType::Running) {
-        if let Some(at) = current.details.scheduled_time {
-            if at > ctx.now {
-                return Decision::Wait {
-                    reason: "the run is scheduled for later".into(),
-                    retry_after: at.saturating_since(ctx.now),
-                };
-            }
-        }
+    if from == StateType::Scheduled
+        && matches!(to, StateType::Pending | StateType::Running)
+        && let Some(at) = current.details.scheduled_time
+        && at > ctx.now
+    {
+        return Decision::Wait {
+            reason: "the run is scheduled for later".into(),
+            retry_after: at.saturating_since(ctx.now),
+        };
     }
     // Rule 7: a task run runs only while its execution runs.
-    if to == StateType::Running {
-        if let Some(exec) = ctx.execution_state {
-            match exec {
-                StateType::Running => {}
-                StateType::Scheduled | StateType::Pending | StateType::Paused => {
-                    return Decision::Wait {
-                        reason: format!("the execution is {}, not yet RUNNING", type_word(exec)),
-                        retry_after: EXECUTION_NOT_RUNNING_RETRY_AFTER,
-                    };
-                }
-                StateType::Completed
-                | StateType::Failed
-                | StateType::Cancelled
-                | StateType::Crashed
-                | StateType::Cancelling => {
-                    return Decision::Abort {
-                        reason: format!("the execution is {}", type_word(exec)),
-                    };
-                }
+    if to == StateType::Running
+        && let Some(exec) = ctx.execution_state
+    {
+        match exec {
+            StateType::Running => {}
+            StateType::Scheduled | StateType::Pending | StateType::Paused => {
+                return Decision::Wait {
+                    reason: format!("the execution is {}, not yet RUNNING", type_word(exec)),
+                    retry_after: EXECUTION_NOT_RUNNING_RETRY_AFTER,
+                };
+            }
+            StateType::Completed
+            | StateType::Failed
+            | StateType::Cancelled
+            | StateType::Crashed
+            | StateType::Cancelling => {
+                return Decision::Abort {
+                    reason: format!("the execution is {}", type_word(exec)),
+                };
             }
         }
     }
@@ -172,15 +172,15 @@ pub fn apply_accepted(run: &mut RunCore, next: State, payload: Payload, updated_
     } else {
         None
     };
-    if to == StateType::Completed {
-        if let Some(output) = payload.output {
-            run.output = Some(output);
-        }
+    if to == StateType::Completed
+        && let Some(output) = payload.output
+    {
+        run.output = Some(output);
     }
-    if matches!(to, StateType::Failed | StateType::Crashed) {
-        if let Some(error) = payload.error {
-            run.error = Some(error);
-        }
+    if matches!(to, StateType::Failed | StateType::Crashed)
+        && let Some(error) = payload.error
+    {
+        run.error = Some(error);
     }
     run.updated_by = updated_by.to_owned();
     run.updated_at = now;

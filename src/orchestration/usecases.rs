@@ -223,20 +223,19 @@ async fn create_execution(
     new: &NewExecution,
     fingerprint: Option<&str>,
 ) -> Result<(Execution, bool)> {
-    if let Some(request_id) = &new.request_id {
-        if let Some((existing, hash)) = tx
+    if let Some(request_id) = &new.request_id
+        && let Some((existing, hash)) = tx
             .execution_by_request_id(&caller.tenant_id, request_id)
             .await?
-        {
-            return if Some(hash.as_str()) == fingerprint {
-                Ok((existing, false))
-            } else {
-                Err(Error::AlreadyExists(format!(
-                    "request_id {request_id:?} was already used for execution {} with a different request",
-                    existing.id
-                )))
-            };
-        }
+    {
+        return if Some(hash.as_str()) == fingerprint {
+            Ok((existing, false))
+        } else {
+            Err(Error::AlreadyExists(format!(
+                "request_id {request_id:?} was already used for execution {} with a different request",
+                existing.id
+            )))
+        };
     }
     let now = tx.now();
     let initial = new
@@ -274,10 +273,10 @@ async fn create_task_run(
         .execution(tenant, new.execution_id)
         .await?
         .ok_or_else(|| execution_not_found(new.execution_id))?;
-    if let Some(key) = &new.dynamic_key {
-        if let Some(existing) = tx.task_run_by_key(exec.id, &new.task_key, key).await? {
-            return Ok((existing, false));
-        }
+    if let Some(key) = &new.dynamic_key
+        && let Some(existing) = tx.task_run_by_key(exec.id, &new.task_key, key).await?
+    {
+        return Ok((existing, false));
     }
     let exec_state = exec.run.state.state_type;
     if exec_state.is_terminal() || exec_state == StateType::Cancelling {
@@ -474,18 +473,18 @@ async fn transition<R: Tracked + Clone>(
     let run_id = run.run_id();
     let transition_id = proposal.state.details.transition_id.as_deref();
     // Rule 1: a repeated transition_id gets the first result.
-    if let Some(tid) = transition_id {
-        if let Some(json) = tx.transition(&run_id, tid).await? {
-            let first: Recorded = serde_json::from_str(&json)
-                .map_err(|e| Error::Internal(format!("decoding a recorded transition: {e}")))?;
-            return Ok(SetStateOutcome {
-                status: first.status,
-                state: first.state,
-                reason: first.reason,
-                retry_after: None,
-                run: run.clone(),
-            });
-        }
+    if let Some(tid) = transition_id
+        && let Some(json) = tx.transition(&run_id, tid).await?
+    {
+        let first: Recorded = serde_json::from_str(&json)
+            .map_err(|e| Error::Internal(format!("decoding a recorded transition: {e}")))?;
+        return Ok(SetStateOutcome {
+            status: first.status,
+            state: first.state,
+            reason: first.reason,
+            retry_after: None,
+            run: run.clone(),
+        });
     }
     let decision = rules::decide(&run.core().state, proposal, ctx);
     let (reason, retry_after) = match &decision {

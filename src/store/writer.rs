@@ -357,12 +357,15 @@ pub(crate) async fn run(
                         Ok(events) => {
                             next_seq += events.len() as i64;
                             feed.publish(events);
-                            one.pop().map(|op| op.finish(None));
+                            if let Some(op) = one.pop() {
+                                op.finish(None)
+                            }
                         }
                         Err(e) => {
                             error!(error = %e, "write failed");
-                            one.pop()
-                                .map(|op| op.finish(Some(Error::Internal(e.to_string()))));
+                            if let Some(op) = one.pop() {
+                                op.finish(Some(Error::Internal(e.to_string())))
+                            }
                         }
                     }
                 }
