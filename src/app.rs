@@ -120,8 +120,14 @@ impl App {
             .build_v1alpha()
             .map_err(|e| StartError::Reflection(e.to_string()))?;
 
+        let ledger = Ledger::new(store.clone());
+        let sweeper = tokio::spawn(crate::orchestration::sweeper::run(
+            ledger.clone(),
+            config.pause_sweep_interval,
+            shutdown.clone(),
+        ));
         let streams = grpc::Streams {
-            ledger: Ledger::new(store.clone()),
+            ledger,
             feed,
             shutdown: shutdown.clone(),
         };
@@ -172,6 +178,7 @@ impl App {
         };
         shutdown.cancel();
         let _ = pruner.await;
+        let _ = sweeper.await;
         // The writer commits what it was given and stops once the last
         // handle to the store is gone.
         store.close_reads().await;

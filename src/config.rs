@@ -62,6 +62,10 @@ pub struct Config {
     #[arg(long, env = "RUNLEDGER_PRUNE_INTERVAL", value_parser = humantime::parse_duration, default_value = "1m")]
     pub prune_interval: Duration,
 
+    /// How often PAUSED runs are checked for a timed-out pause.
+    #[arg(long, env = "RUNLEDGER_PAUSE_SWEEP_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub pause_sweep_interval: Duration,
+
     /// How many recent events are held in memory for live subscribers; a
     /// subscriber further behind reads from the log instead.
     #[arg(long, env = "RUNLEDGER_LIVE_BUFFER", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]

@@ -8,6 +8,7 @@ pub mod json;
 mod run;
 mod state;
 pub mod task_run;
+pub mod template;
 mod time;
 mod violation;
 

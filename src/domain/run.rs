@@ -41,6 +41,29 @@ pub struct RunCore {
 }
 
 impl RunCore {
+    /// Time spent RUNNING so far, including the current run.
+    pub fn estimated_run_time_us(&self, now: Timestamp) -> i64 {
+        let current = if self.state.state_type == super::StateType::Running {
+            micros(now.saturating_since(self.state.timestamp))
+        } else {
+            0
+        };
+        self.total_run_time_us.saturating_add(current)
+    }
+
+    /// How late the run started against its expected start: fixed once it
+    /// started, growing while it is overdue and not yet started.
+    pub fn estimated_start_time_delta_us(&self, now: Timestamp) -> i64 {
+        let Some(expected) = self.expected_start_time else {
+            return 0;
+        };
+        match self.start_time {
+            Some(started) => micros(started.saturating_since(expected)),
+            None if !self.state.state_type.is_terminal() => micros(now.saturating_since(expected)),
+            None => 0,
+        }
+    }
+
     /// A new run in its initial state. The initial state is not a
     /// transition: transition_count stays 0, but the times it implies are
     /// recorded.
@@ -72,5 +95,32 @@ impl RunCore {
             run.end_time = Some(now);
         }
         run
+    }
+}
+
+fn micros(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{StateProposal, StateType};
+    use std::time::Duration;
+
+    #[test]
+    fn estimates_count_the_current_run_and_the_start_delay() {
+        let t0 = Timestamp::from_micros(10_000_000);
+        let at = |s: u64| t0.checked_add(Duration::from_secs(s)).unwrap();
+        let mut run = RunCore::new(
+            StateProposal::of_type(StateType::Pending).into_state(t0),
+            "a",
+        );
+        assert_eq!(run.estimated_start_time_delta_us(at(3)), 3_000_000);
+        run.start_time = Some(at(2));
+        run.state = StateProposal::of_type(StateType::Running).into_state(at(2));
+        run.total_run_time_us = 1_000_000;
+        assert_eq!(run.estimated_run_time_us(at(5)), 4_000_000);
+        assert_eq!(run.estimated_start_time_delta_us(at(9)), 2_000_000);
     }
 }

@@ -83,8 +83,6 @@ pub struct TaskRun {
     pub resolved_input: Option<Value>,
     pub task_inputs: Vec<TaskRunId>,
     pub stale: bool,
-    pub estimated_run_time_us: i64,
-    pub estimated_start_time_delta_us: i64,
     pub run: RunCore,
 }
 

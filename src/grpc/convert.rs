@@ -216,6 +216,8 @@ pub fn execution(e: &Execution) -> pb::Execution {
 
 pub fn task_run(t: &TaskRun) -> pb::TaskRun {
     let r: &RunCore = &t.run;
+    // The estimates are as of now.
+    let now = Timestamp::now();
     pb::TaskRun {
         id: t.id.to_string(),
         tenant_id: t.tenant_id.clone(),
@@ -253,8 +255,8 @@ pub fn task_run(t: &TaskRun) -> pb::TaskRun {
         start_time: r.start_time.map(timestamp),
         end_time: r.end_time.map(timestamp),
         total_run_time: Some(micros_duration(r.total_run_time_us)),
-        estimated_run_time: Some(micros_duration(t.estimated_run_time_us)),
-        estimated_start_time_delta: Some(micros_duration(t.estimated_start_time_delta_us)),
+        estimated_run_time: Some(micros_duration(r.estimated_run_time_us(now))),
+        estimated_start_time_delta: Some(micros_duration(r.estimated_start_time_delta_us(now))),
         updated_by: r.updated_by.clone(),
         stale: t.stale,
         deleted_at: r.deleted_at.map(timestamp),

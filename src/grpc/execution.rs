@@ -8,7 +8,7 @@ use super::{
     streams::{self, EventStream, Streams},
 };
 use crate::{
-    domain::Violations,
+    domain::{Violations, execution::check_chars},
     orchestration::{Ledger, rules::Status as Outcome},
 };
 
@@ -107,12 +107,12 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
             },
             &mut v,
         );
-        let (id, (proposal, payload)) = v
+        let (id, proposal) = v
             .finish(|| (id.expect("checked"), proposal.expect("checked")))
             .map_err(crate::Error::from)?;
         let o = self
             .ledger()
-            .set_execution_state(&caller, id, proposal, payload)
+            .set_execution_state(&caller, id, proposal)
             .await?;
         Ok(Response::new(pb::SetExecutionStateResponse {
             status: set_state_status(o.status),
@@ -123,31 +123,59 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         }))
     }
 
+    #[instrument(skip_all, fields(id = %req.get_ref().id))]
     async fn cancel_execution(
         &self,
-        _req: Request<pb::CancelExecutionRequest>,
+        req: Request<pb::CancelExecutionRequest>,
     ) -> Result<Response<pb::CancelExecutionResponse>, Status> {
-        Err(Status::unimplemented(
-            "CancelExecution is not available yet",
-        ))
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        let mut v = Violations::new();
+        let id = requests::execution_id("id", &r.id, &mut v);
+        let reason = v.check("reason", check_chars(r.reason, 0, 10_000));
+        let (id, reason) = v
+            .finish(|| (id.expect("checked"), reason.unwrap_or_default()))
+            .map_err(crate::Error::from)?;
+        let execution = self.ledger().cancel_execution(&caller, id, reason).await?;
+        Ok(Response::new(pb::CancelExecutionResponse {
+            execution: Some(convert::execution(&execution)),
+        }))
     }
 
+    #[instrument(skip_all, fields(id = %req.get_ref().id))]
     async fn resume_execution(
         &self,
-        _req: Request<pb::ResumeExecutionRequest>,
+        req: Request<pb::ResumeExecutionRequest>,
     ) -> Result<Response<pb::ResumeExecutionResponse>, Status> {
-        Err(Status::unimplemented(
-            "ResumeExecution is not available yet",
-        ))
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        let mut v = Violations::new();
+        let id = requests::execution_id("id", &r.id, &mut v);
+        let input = requests::run_input(r.run_input.as_ref(), &mut v);
+        let id = v
+            .finish(|| id.expect("checked"))
+            .map_err(crate::Error::from)?;
+        let execution = self.ledger().resume_execution(&caller, id, input).await?;
+        Ok(Response::new(pb::ResumeExecutionResponse {
+            execution: Some(convert::execution(&execution)),
+        }))
     }
 
+    #[instrument(skip_all, fields(id = %req.get_ref().id))]
     async fn delete_execution(
         &self,
-        _req: Request<pb::DeleteExecutionRequest>,
+        req: Request<pb::DeleteExecutionRequest>,
     ) -> Result<Response<pb::DeleteExecutionResponse>, Status> {
-        Err(Status::unimplemented(
-            "DeleteExecution is not available yet",
-        ))
+        let caller = caller(&req)?;
+        let mut v = Violations::new();
+        let id = requests::execution_id("id", &req.get_ref().id, &mut v);
+        let id = v
+            .finish(|| id.expect("checked"))
+            .map_err(crate::Error::from)?;
+        let execution = self.ledger().delete_execution(&caller, id).await?;
+        Ok(Response::new(pb::DeleteExecutionResponse {
+            execution: Some(convert::execution(&execution)),
+        }))
     }
 
     type StreamExecutionStatusStream = EventStream<pb::StreamExecutionStatusResponse>;

@@ -290,6 +290,11 @@ pub(crate) fn new_task_run(r: pb::CreateTaskRunRequest) -> Result<NewTaskRun, Vi
         Some(i) => json_value("input", i, &mut v),
         None => Some(Value::Object(Map::new())),
     };
+    if let Some(input) = &input
+        && let Err(e) = crate::domain::template::validate(input)
+    {
+        v.add("input", e);
+    }
     let initial_state = initial_state(r.initial_state, &mut v);
     v.finish(|| NewTaskRun {
         execution_id: execution_id.unwrap_or_default(),
@@ -317,7 +322,7 @@ pub(crate) struct SetState {
     pub(crate) expected_state_id: String,
 }
 
-pub(crate) fn proposal(r: SetState, v: &mut Violations) -> Option<(Proposal, Payload)> {
+pub(crate) fn proposal(r: SetState, v: &mut Violations) -> Option<Proposal> {
     let state = state_create("state", r.state, v);
     let expected_state_id = if r.expected_state_id.is_empty() {
         None
@@ -346,14 +351,17 @@ pub(crate) fn proposal(r: SetState, v: &mut Violations) -> Option<(Proposal, Pay
     if error.is_some() && to.is_some_and(|t| !matches!(t, StateType::Failed | StateType::Crashed)) {
         v.add("error", "only allowed when state.type is FAILED or CRASHED");
     }
-    Some((
-        Proposal {
-            state: state?,
-            force: r.force,
-            expected_state_id,
-        },
-        Payload { output, error },
-    ))
+    Some(Proposal {
+        state: state?,
+        force: r.force,
+        expected_state_id,
+        payload: Payload { output, error },
+    })
+}
+
+/// ResumeExecution's input.
+pub(crate) fn run_input(s: Option<&prost_types::Struct>, v: &mut Violations) -> Map<String, Value> {
+    json_struct("run_input", s, v)
 }
 
 pub(crate) fn page(size: i32, token: &str, v: &mut Violations) -> Option<Page> {

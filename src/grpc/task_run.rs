@@ -97,12 +97,12 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
             },
             &mut v,
         );
-        let (id, (proposal, payload)) = v
+        let (id, proposal) = v
             .finish(|| (id.expect("checked"), proposal.expect("checked")))
             .map_err(crate::Error::from)?;
         let o = self
             .ledger()
-            .set_task_run_state(&caller, id, proposal, payload)
+            .set_task_run_state(&caller, id, proposal)
             .await?;
         Ok(Response::new(pb::SetTaskRunStateResponse {
             status: set_state_status(o.status),
@@ -113,20 +113,38 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
         }))
     }
 
+    #[instrument(skip_all, fields(id = %req.get_ref().id))]
     async fn delete_task_run(
         &self,
-        _req: Request<pb::DeleteTaskRunRequest>,
+        req: Request<pb::DeleteTaskRunRequest>,
     ) -> Result<Response<pb::DeleteTaskRunResponse>, Status> {
-        Err(Status::unimplemented("DeleteTaskRun is not available yet"))
+        let caller = caller(&req)?;
+        let mut v = Violations::new();
+        let id = requests::task_run_id("id", &req.get_ref().id, &mut v);
+        let id = v
+            .finish(|| id.expect("checked"))
+            .map_err(crate::Error::from)?;
+        let run = self.ledger().delete_task_run(&caller, id).await?;
+        Ok(Response::new(pb::DeleteTaskRunResponse {
+            task_run: Some(convert::task_run(&run)),
+        }))
     }
 
+    #[instrument(skip_all, fields(id = %req.get_ref().id))]
     async fn mark_task_run_stale(
         &self,
-        _req: Request<pb::MarkTaskRunStaleRequest>,
+        req: Request<pb::MarkTaskRunStaleRequest>,
     ) -> Result<Response<pb::MarkTaskRunStaleResponse>, Status> {
-        Err(Status::unimplemented(
-            "MarkTaskRunStale is not available yet",
-        ))
+        let caller = caller(&req)?;
+        let mut v = Violations::new();
+        let id = requests::task_run_id("id", &req.get_ref().id, &mut v);
+        let id = v
+            .finish(|| id.expect("checked"))
+            .map_err(crate::Error::from)?;
+        let run = self.ledger().mark_task_run_stale(&caller, id).await?;
+        Ok(Response::new(pb::MarkTaskRunStaleResponse {
+            task_run: Some(convert::task_run(&run)),
+        }))
     }
 
     type StreamTaskRunStatusStream = EventStream<pb::StreamTaskRunStatusResponse>;

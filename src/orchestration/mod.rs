@@ -2,6 +2,7 @@
 //! them inside the store's write transactions.
 
 pub mod rules;
+pub mod sweeper;
 mod usecases;
 
 pub use usecases::{Ledger, SetStateOutcome};

@@ -6,11 +6,24 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{ErrorInfo, RunCore, State, StateId, StateProposal, StateType, Timestamp};
+use crate::domain::{
+    ErrorInfo, RetryPolicy, RunCore, State, StateId, StateProposal, StateType, Timestamp,
+    template::Resolution,
+};
 
 /// How long a task run is told to wait while its execution is not yet
 /// RUNNING.
 pub const EXECUTION_NOT_RUNNING_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a task run is told to wait for an upstream it references.
+pub const UPSTREAM_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The names the server gives the states it chooses.
+pub const AWAITING_RETRY: &str = "AwaitingRetry";
+pub const RETRYING: &str = "Retrying";
+pub const CACHED: &str = "Cached";
+pub const PAUSE_TIMEOUT: &str = "PauseTimeout";
+pub const TEMPLATE_ERROR: &str = "TemplateError";
 
 /// The orchestration result's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +40,7 @@ pub struct Proposal {
     pub state: StateProposal,
     pub force: bool,
     pub expected_state_id: Option<StateId>,
+    pub payload: Payload,
 }
 
 /// What the rules need to know besides the run itself.
@@ -35,6 +49,30 @@ pub struct Context {
     pub now: Timestamp,
     /// For a task run: the state type of its execution.
     pub execution_state: Option<StateType>,
+    /// For a task run: what rules 8 to 10 need.
+    pub task: Option<TaskContext>,
+}
+
+/// What the task run rules look at, gathered by the caller beforehand.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TaskContext {
+    pub retry_policy: RetryPolicy,
+    pub run_count: i64,
+    /// The tenant's cache entry for the run's cache key, when the proposal
+    /// is RUNNING and does not ask to refresh the cache.
+    pub cache: Option<CacheEntry>,
+    /// The run's input with its templates resolved, when the proposal is
+    /// RUNNING and the input has templates.
+    pub templates: Option<Resolution>,
+    /// A uniform sample in [0, 1) for the retry jitter.
+    pub jitter: f64,
+}
+
+/// A cached COMPLETED result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheEntry {
+    pub output: Option<serde_json::Value>,
+    pub expiration: Option<Timestamp>,
 }
 
 /// What happens to a proposal.
@@ -51,20 +89,27 @@ pub enum Decision {
     },
     /// Nothing changes, and it never will for this proposal.
     Abort { reason: String },
+    /// The proposal is refused and the server moves the run to a state of
+    /// its own choosing instead (a cached result, a retry, a failure).
+    Redirect {
+        reason: String,
+        state: StateProposal,
+        payload: Payload,
+    },
 }
 
 impl Decision {
     pub fn status(&self) -> Status {
         match self {
             Decision::Accept => Status::Accept,
-            Decision::Reject { .. } => Status::Reject,
+            Decision::Reject { .. } | Decision::Redirect { .. } => Status::Reject,
             Decision::Wait { .. } => Status::Wait,
             Decision::Abort { .. } => Status::Abort,
         }
     }
 }
 
-/// Rules 2 to 7, in order. Rule 1 (a repeated transition_id returns the
+/// Rules 2 to 10, in order. Rule 1 (a repeated transition_id returns the
 /// first result) is answered before this from the recorded result; `force`
 /// skips everything after rule 2.
 pub fn decide(current: &State, proposal: &Proposal, ctx: &Context) -> Decision {
@@ -137,7 +182,115 @@ pub fn decide(current: &State, proposal: &Proposal, ctx: &Context) -> Decision {
             }
         }
     }
+    let Some(task) = &ctx.task else {
+        return Decision::Accept;
+    };
+    // Rule 8: a live cached result completes the run without running it.
+    if to == StateType::Running
+        && let Some(hit) = &task.cache
+        && hit.expiration.is_none_or(|e| e > ctx.now)
+    {
+        return Decision::Redirect {
+            reason: "a cached result exists for the run's cache key".into(),
+            state: StateProposal::of_type(StateType::Completed).named(CACHED),
+            payload: Payload {
+                output: hit.output.clone(),
+                error: None,
+            },
+        };
+    }
+    // Rule 9: a failure with retries left schedules a retry.
+    if from == StateType::Running
+        && matches!(to, StateType::Failed | StateType::Crashed)
+        && proposal.state.details.retriable != Some(false)
+        && task.run_count <= i64::from(task.retry_policy.retries)
+    {
+        let delay = retry_delay(&task.retry_policy, task.run_count, task.jitter);
+        let mut state = StateProposal::of_type(StateType::Scheduled).named(AWAITING_RETRY);
+        state.message = proposal.state.message.clone();
+        state.details.scheduled_time = ctx.now.checked_add(delay);
+        return Decision::Redirect {
+            reason: format!(
+                "retry {} of {} in {:.3}s",
+                task.run_count,
+                task.retry_policy.retries,
+                delay.as_secs_f64()
+            ),
+            state,
+            payload: Payload {
+                output: None,
+                error: proposal.payload.error.clone(),
+            },
+        };
+    }
+    // Rule 10: templates resolve on entering RUNNING.
+    if to == StateType::Running {
+        match &task.templates {
+            Some(Resolution::Waiting { reference }) => {
+                return Decision::Wait {
+                    reason: format!("waiting for {reference}: its task has not completed"),
+                    retry_after: UPSTREAM_RETRY_AFTER,
+                };
+            }
+            Some(Resolution::Failed { message }) => {
+                let mut state = StateProposal::of_type(StateType::Failed);
+                state.message = message.clone();
+                return Decision::Redirect {
+                    reason: message.clone(),
+                    state,
+                    payload: Payload {
+                        output: None,
+                        error: Some(ErrorInfo {
+                            message: message.clone(),
+                            error_type: TEMPLATE_ERROR.into(),
+                            traceback: String::new(),
+                        }),
+                    },
+                };
+            }
+            Some(Resolution::Resolved { .. }) | None => {}
+        }
+    }
     Decision::Accept
+}
+
+/// The delay before retry `attempt` (1-based): that entry of the delays,
+/// the last one repeating, none meaning 0; scaled by a factor in
+/// `[1 - jitter, 1 + jitter]` picked by `sample` in [0, 1).
+pub fn retry_delay(policy: &RetryPolicy, attempt: i64, sample: f64) -> Duration {
+    let delays = &policy.retry_delay_seconds;
+    let index = usize::try_from(attempt.saturating_sub(1)).unwrap_or(0);
+    let base = delays.get(index).or(delays.last()).copied().unwrap_or(0.0);
+    let j = policy.retry_jitter_factor;
+    let factor = 1.0 - j + 2.0 * j * sample.clamp(0.0, 1.0);
+    Duration::try_from_secs_f64((base * factor).max(0.0)).unwrap_or(Duration::ZERO)
+}
+
+/// The state an accepted proposal becomes: as proposed, except that the
+/// first RUNNING after a scheduled retry is named "Retrying".
+pub fn next_state(current: &State, proposal: &StateProposal, now: Timestamp) -> State {
+    let mut p = proposal.clone();
+    if current.name == AWAITING_RETRY && p.state_type == StateType::Running && p.name.is_empty() {
+        p.name = RETRYING.into();
+    }
+    p.into_state(now)
+}
+
+/// What cancelling does to a run of an execution in state `execution`: a
+/// run not yet RUNNING is CANCELLED at once; a RUNNING run of a RUNNING
+/// execution becomes CANCELLING (its executor then reports CANCELLED).
+/// Terminal runs, and runs already CANCELLING, are left alone (None).
+pub fn cancel_target(execution: StateType, run: StateType) -> Option<StateType> {
+    if run.is_terminal() || run == StateType::Cancelling {
+        return None;
+    }
+    Some(
+        if execution == StateType::Running && run == StateType::Running {
+            StateType::Cancelling
+        } else {
+            StateType::Cancelled
+        },
+    )
 }
 
 /// What an accepted transition carries besides its state.
@@ -172,14 +325,12 @@ pub fn apply_accepted(run: &mut RunCore, next: State, payload: Payload, updated_
     } else {
         None
     };
-    if to == StateType::Completed
-        && let Some(output) = payload.output
-    {
+    // Requests carry these only with the states they belong to; the
+    // server also keeps a failed attempt's error when it schedules a retry.
+    if let Some(output) = payload.output {
         run.output = Some(output);
     }
-    if matches!(to, StateType::Failed | StateType::Crashed)
-        && let Some(error) = payload.error
-    {
+    if let Some(error) = payload.error {
         run.error = Some(error);
     }
     run.updated_by = updated_by.to_owned();
@@ -217,6 +368,7 @@ mod tests {
             state: StateProposal::of_type(t),
             force: false,
             expected_state_id: None,
+            payload: Payload::default(),
         }
     }
 
@@ -224,6 +376,7 @@ mod tests {
         Context {
             now: T0,
             execution_state: None,
+            task: None,
         }
     }
 
@@ -394,6 +547,177 @@ mod tests {
         assert_eq!(run.output, Some(serde_json::json!({"ok": true})));
     }
 
+    fn task_ctx(task: TaskContext) -> Context {
+        Context {
+            now: T0,
+            execution_state: Some(StateType::Running),
+            task: Some(task),
+        }
+    }
+
+    #[test]
+    fn a_live_cache_entry_completes_the_run_as_cached() {
+        let hit = CacheEntry {
+            output: Some(serde_json::json!(7)),
+            expiration: None,
+        };
+        let c = task_ctx(TaskContext {
+            cache: Some(hit.clone()),
+            ..Default::default()
+        });
+        match decide(&state(StateType::Pending), &propose(StateType::Running), &c) {
+            Decision::Redirect { state, payload, .. } => {
+                assert_eq!(
+                    (state.state_type, state.name.as_str()),
+                    (StateType::Completed, CACHED)
+                );
+                assert_eq!(payload.output, Some(serde_json::json!(7)));
+            }
+            d => panic!("{d:?}"),
+        }
+        let expired = CacheEntry {
+            expiration: Some(T0),
+            ..hit
+        };
+        let c = task_ctx(TaskContext {
+            cache: Some(expired),
+            ..Default::default()
+        });
+        assert_eq!(
+            decide(&state(StateType::Pending), &propose(StateType::Running), &c),
+            Decision::Accept
+        );
+    }
+
+    #[test]
+    fn failures_with_retries_left_are_rescheduled() {
+        let policy = RetryPolicy {
+            retries: 2,
+            retry_delay_seconds: vec![10.0, 60.0],
+            retry_jitter_factor: 0.0,
+        };
+        let mut failed = propose(StateType::Failed);
+        failed.payload.error = Some(ErrorInfo {
+            message: "boom".into(),
+            ..Default::default()
+        });
+        for (run_count, delay) in [(1, 10), (2, 60)] {
+            let c = task_ctx(TaskContext {
+                retry_policy: policy.clone(),
+                run_count,
+                ..Default::default()
+            });
+            match decide(&state(StateType::Running), &failed, &c) {
+                Decision::Redirect { state, payload, .. } => {
+                    assert_eq!(
+                        (state.state_type, state.name.as_str()),
+                        (StateType::Scheduled, AWAITING_RETRY)
+                    );
+                    assert_eq!(
+                        state.details.scheduled_time,
+                        T0.checked_add(Duration::from_secs(delay))
+                    );
+                    assert_eq!(payload.error.unwrap().message, "boom");
+                }
+                d => panic!("{d:?}"),
+            }
+        }
+        // Out of retries, or not retriable: the failure stands.
+        let c = task_ctx(TaskContext {
+            retry_policy: policy.clone(),
+            run_count: 3,
+            ..Default::default()
+        });
+        assert_eq!(
+            decide(&state(StateType::Running), &failed, &c),
+            Decision::Accept
+        );
+        let mut final_failure = failed.clone();
+        final_failure.state.details.retriable = Some(false);
+        let c = task_ctx(TaskContext {
+            retry_policy: policy,
+            run_count: 1,
+            ..Default::default()
+        });
+        assert_eq!(
+            decide(&state(StateType::Running), &final_failure, &c),
+            Decision::Accept
+        );
+        // Only from RUNNING.
+        assert_eq!(
+            decide(&state(StateType::Pending), &failed, &c),
+            Decision::Accept
+        );
+    }
+
+    #[test]
+    fn retry_delays_repeat_the_last_and_jitter_within_the_factor() {
+        let p = RetryPolicy {
+            retries: 5,
+            retry_delay_seconds: vec![1.0, 4.0],
+            retry_jitter_factor: 0.5,
+        };
+        assert_eq!(retry_delay(&p, 3, 0.5), Duration::from_secs(4));
+        assert_eq!(retry_delay(&p, 1, 0.0), Duration::from_millis(500));
+        assert_eq!(retry_delay(&p, 1, 1.0), Duration::from_millis(1500));
+        assert_eq!(retry_delay(&RetryPolicy::default(), 1, 0.3), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_run_after_a_scheduled_retry_is_named_retrying() {
+        let waiting = StateProposal::of_type(StateType::Scheduled)
+            .named(AWAITING_RETRY)
+            .into_state(T0);
+        let next = next_state(&waiting, &StateProposal::of_type(StateType::Running), T0);
+        assert_eq!(next.name, RETRYING);
+        let next = next_state(
+            &state(StateType::Scheduled),
+            &StateProposal::of_type(StateType::Running),
+            T0,
+        );
+        assert_eq!(next.name, "Running");
+    }
+
+    #[test]
+    fn templates_wait_for_upstreams_and_fail_when_unresolvable() {
+        let waiting = Resolution::Waiting {
+            reference: "{{a.output}}".into(),
+        };
+        let c = task_ctx(TaskContext {
+            templates: Some(waiting),
+            ..Default::default()
+        });
+        assert_eq!(
+            decide(&state(StateType::Pending), &propose(StateType::Running), &c).status(),
+            Status::Wait
+        );
+        let failed = Resolution::Failed {
+            message: "{{a.output}}: no task run".into(),
+        };
+        let c = task_ctx(TaskContext {
+            templates: Some(failed),
+            ..Default::default()
+        });
+        match decide(&state(StateType::Pending), &propose(StateType::Running), &c) {
+            Decision::Redirect { state, payload, .. } => {
+                assert_eq!(state.state_type, StateType::Failed);
+                assert_eq!(payload.error.unwrap().error_type, TEMPLATE_ERROR);
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn cancelling_plans_the_cascade() {
+        use StateType::*;
+        assert_eq!(cancel_target(Pending, Pending), Some(Cancelled));
+        assert_eq!(cancel_target(Paused, Running), Some(Cancelled));
+        assert_eq!(cancel_target(Running, Running), Some(Cancelling));
+        assert_eq!(cancel_target(Running, Scheduled), Some(Cancelled));
+        assert_eq!(cancel_target(Running, Completed), None);
+        assert_eq!(cancel_target(Running, Cancelling), None);
+    }
+
     fn any_type() -> impl Strategy<Value = StateType> {
         (0..StateType::ALL.len()).prop_map(|i| StateType::ALL[i])
     }
@@ -402,7 +726,7 @@ mod tests {
         #[test]
         fn terminal_states_absorb_every_unforced_proposal(from in any_type(), to in any_type(), exec in proptest::option::of(any_type())) {
             prop_assume!(from.is_terminal());
-            let c = Context { now: T0, execution_state: exec };
+            let c = Context { now: T0, execution_state: exec, task: Some(TaskContext::default()) };
             prop_assert_eq!(decide(&state(from), &propose(to), &c).status(), Status::Abort);
         }
 
@@ -412,7 +736,7 @@ mod tests {
             let mut accepted = 0;
             for (i, t) in types.into_iter().enumerate() {
                 let now = T0.checked_add(Duration::from_secs(i as u64 + 1)).unwrap();
-                let c = Context { now, execution_state: None };
+                let c = Context { now, execution_state: None, task: None };
                 if decide(&run.state, &propose(t), &c) == Decision::Accept {
                     apply_accepted(&mut run, StateProposal::of_type(t).into_state(now), Payload::default(), "a");
                     accepted += 1;

@@ -2,16 +2,19 @@
 //! asks the rules, and writes the run, its history row and its event
 //! together. Checks come before writes, so a refusal writes nothing.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-use super::rules::{self, Context, Decision, Payload, Proposal, Status};
+use super::rules::{self, CacheEntry, Context, Decision, Payload, Proposal, Status, TaskContext};
 use crate::{
     Error, Result,
     domain::{
-        Caller, EffectiveConfig, Event, EventKind, Execution, ExecutionId, NewExecution,
-        NewTaskRun, Resource, RunCore, State, StateProposal, StateType, TaskRun, TaskRunId,
+        Caller, EffectiveConfig, ErrorInfo, Event, EventKind, Execution, ExecutionId, NewExecution,
+        NewTaskRun, Resource, RunCore, SYSTEM_ACTOR, State, StateProposal, StateType, TaskRun,
+        TaskRunId, Timestamp, Violations,
+        template::{self, Resolution, Upstream},
     },
     store::{Cursor, ExecutionFilter, Page, Store, TaskRunFilter, WriteTx},
 };
@@ -25,6 +28,8 @@ pub struct SetStateOutcome<R> {
     pub reason: String,
     pub retry_after: Option<Duration>,
     pub run: R,
+    /// Whether this call changed the run (a replayed transition did not).
+    pub changed: bool,
 }
 
 /// What is kept of a transition's first result, for rule 1.
@@ -89,33 +94,21 @@ impl Ledger {
         caller: &Caller,
         id: ExecutionId,
         proposal: Proposal,
-        payload: Payload,
     ) -> Result<SetStateOutcome<Execution>> {
-        let job = Arc::new((caller.clone(), proposal, payload));
+        let job = Arc::new((caller.clone(), proposal));
         self.store
             .write(move |tx| {
                 let job = Arc::clone(&job);
                 Box::pin(async move {
-                    let (caller, proposal, payload) = &*job;
-                    let mut exec = tx
-                        .execution(&caller.tenant_id, id)
-                        .await?
-                        .ok_or_else(|| execution_not_found(id))?;
+                    let (caller, proposal) = &*job;
+                    let mut exec = load_execution(tx, caller, id).await?;
                     let ctx = Context {
                         now: tx.now(),
                         execution_state: None,
+                        task: None,
                     };
                     let task_id = exec.task_id.clone();
-                    transition(
-                        tx,
-                        caller,
-                        &mut exec,
-                        proposal,
-                        payload,
-                        &ctx,
-                        task_id.as_deref(),
-                    )
-                    .await
+                    transition(tx, caller, &mut exec, proposal, &ctx, task_id.as_deref()).await
                 })
             })
             .await
@@ -126,42 +119,126 @@ impl Ledger {
         caller: &Caller,
         id: TaskRunId,
         proposal: Proposal,
-        payload: Payload,
     ) -> Result<SetStateOutcome<TaskRun>> {
-        let job = Arc::new((caller.clone(), proposal, payload));
+        let job = Arc::new((caller.clone(), proposal));
         self.store
             .write(move |tx| {
                 let job = Arc::clone(&job);
                 Box::pin(async move {
-                    let (caller, proposal, payload) = &*job;
-                    let mut run = tx
-                        .task_run(&caller.tenant_id, id)
-                        .await?
-                        .ok_or_else(|| task_run_not_found(id))?;
-                    let exec = tx
-                        .execution(&caller.tenant_id, run.execution_id)
-                        .await?
-                        .ok_or_else(|| execution_not_found(run.execution_id))?;
-                    let ctx = Context {
-                        now: tx.now(),
-                        execution_state: Some(exec.run.state.state_type),
-                    };
-                    transition(
-                        tx,
-                        caller,
-                        &mut run,
-                        proposal,
-                        payload,
-                        &ctx,
-                        exec.task_id.as_deref(),
-                    )
-                    .await
+                    let (caller, proposal) = &*job;
+                    set_task_run_state(tx, caller, id, proposal).await
                 })
             })
             .await
     }
 
+    /// Cancels an execution and its task runs (see `rules::cancel_target`).
+    pub async fn cancel_execution(
+        &self,
+        caller: &Caller,
+        id: ExecutionId,
+        reason: String,
+    ) -> Result<Execution> {
+        let caller = caller.clone();
+        self.store
+            .write(move |tx| {
+                let (caller, reason) = (caller.clone(), reason.clone());
+                Box::pin(async move { cancel_execution(tx, &caller, id, &reason).await })
+            })
+            .await
+    }
+
+    /// PAUSED -> RUNNING, with `run_input` on the new state's data.
+    pub async fn resume_execution(
+        &self,
+        caller: &Caller,
+        id: ExecutionId,
+        run_input: Map<String, Value>,
+    ) -> Result<Execution> {
+        let job = Arc::new((caller.clone(), run_input));
+        self.store
+            .write(move |tx| {
+                let job = Arc::clone(&job);
+                Box::pin(async move { resume_execution(tx, &job.0, id, &job.1).await })
+            })
+            .await
+    }
+
+    /// Soft delete: hidden from lists, still readable. Deleting twice is
+    /// not an error.
+    pub async fn delete_execution(&self, caller: &Caller, id: ExecutionId) -> Result<Execution> {
+        let caller = caller.clone();
+        self.store
+            .write(move |tx| {
+                let caller = caller.clone();
+                Box::pin(async move {
+                    let mut exec = load_execution(tx, &caller, id).await?;
+                    if exec.run.deleted_at.is_none() {
+                        mark_deleted(&mut exec.run, &caller);
+                        let task_id = exec.task_id.clone();
+                        commit_update(tx, &exec, EventKind::Deleted, task_id.as_deref()).await?;
+                    }
+                    Ok(exec)
+                })
+            })
+            .await
+    }
+
+    pub async fn delete_task_run(&self, caller: &Caller, id: TaskRunId) -> Result<TaskRun> {
+        let caller = caller.clone();
+        self.store
+            .write(move |tx| {
+                let caller = caller.clone();
+                Box::pin(async move {
+                    let (mut run, exec) = load_task_run(tx, &caller, id).await?;
+                    if run.run.deleted_at.is_none() {
+                        mark_deleted(&mut run.run, &caller);
+                        commit_update(tx, &run, EventKind::Deleted, exec.task_id.as_deref())
+                            .await?;
+                    }
+                    Ok(run)
+                })
+            })
+            .await
+    }
+
+    /// Marks a COMPLETED or FAILED task run's data as outdated.
+    pub async fn mark_task_run_stale(&self, caller: &Caller, id: TaskRunId) -> Result<TaskRun> {
+        let caller = caller.clone();
+        self.store
+            .write(move |tx| {
+                let caller = caller.clone();
+                Box::pin(async move {
+                    let (mut run, exec) = load_task_run(tx, &caller, id).await?;
+                    let st = run.run.state.state_type;
+                    if !matches!(st, StateType::Completed | StateType::Failed) {
+                        return Err(Error::FailedPrecondition(format!(
+                            "task run {id} is {}; only a COMPLETED or FAILED task run can be marked stale",
+                            run.run.state.name
+                        )));
+                    }
+                    if !run.stale {
+                        run.stale = true;
+                        let now = tx.now();
+                        run.run.updated_at = now;
+                        run.run.updated_by = caller.name.clone();
+                        commit_update(tx, &run, EventKind::Updated, exec.task_id.as_deref()).await?;
+                    }
+                    Ok(run)
+                })
+            })
+            .await
+    }
+
+    /// Fails PAUSED runs whose pause timed out; returns how many.
+    pub async fn expire_pauses(&self) -> Result<usize> {
+        self.store
+            .write(|tx| Box::pin(async move { expire_pauses(tx).await }))
+            .await
+    }
+
     pub async fn execution(&self, caller: &Caller, id: ExecutionId) -> Result<(Execution, i64)> {
+        // Reads from the pool see committed data only.
         self.store
             .execution(&caller.tenant_id, id)
             .await?
@@ -348,8 +425,6 @@ async fn create_task_run(
         resolved_input: None,
         task_inputs: Vec::new(),
         stale: false,
-        estimated_run_time_us: 0,
-        estimated_start_time_delta_us: 0,
         run: RunCore::new(initial, &caller.name),
     };
     let seq = record_creation_with(tx, &run, exec.task_id.as_deref()).await?;
@@ -384,6 +459,8 @@ pub(crate) trait Tracked: Send + Sync {
     fn core_mut(&mut self) -> &mut RunCore;
     fn run_id(&self) -> String;
     fn resource(&self) -> Resource<'_>;
+    /// Records the input with its templates resolved (task runs only).
+    fn set_resolved_input(&mut self, _value: Value, _task_inputs: Vec<TaskRunId>) {}
     fn save<'a>(
         &'a self,
         tx: &'a mut WriteTx<'_>,
@@ -426,6 +503,10 @@ impl Tracked for TaskRun {
     fn resource(&self) -> Resource<'_> {
         Resource::TaskRun(self)
     }
+    fn set_resolved_input(&mut self, value: Value, task_inputs: Vec<TaskRunId>) {
+        self.resolved_input = Some(value);
+        self.task_inputs = task_inputs;
+    }
     fn save<'a>(
         &'a self,
         tx: &'a mut WriteTx<'_>,
@@ -458,15 +539,366 @@ async fn record_creation_with<R: Tracked>(
     .await
 }
 
-/// Applies the rules to a proposal for `run` and, when accepted, records
-/// the transition.
-#[allow(clippy::too_many_arguments)]
+async fn load_execution(
+    tx: &mut WriteTx<'_>,
+    caller: &Caller,
+    id: ExecutionId,
+) -> Result<Execution> {
+    tx.execution(&caller.tenant_id, id)
+        .await?
+        .ok_or_else(|| execution_not_found(id))
+}
+
+/// A task run and its execution.
+async fn load_task_run(
+    tx: &mut WriteTx<'_>,
+    caller: &Caller,
+    id: TaskRunId,
+) -> Result<(TaskRun, Execution)> {
+    let run = tx
+        .task_run(&caller.tenant_id, id)
+        .await?
+        .ok_or_else(|| task_run_not_found(id))?;
+    let exec = load_execution(tx, caller, run.execution_id).await?;
+    Ok((run, exec))
+}
+
+fn mark_deleted(run: &mut RunCore, caller: &Caller) {
+    let now = Timestamp::now();
+    run.deleted_at = Some(now);
+    run.updated_at = now;
+    run.updated_by = caller.name.clone();
+}
+
+async fn set_task_run_state(
+    tx: &mut WriteTx<'_>,
+    caller: &Caller,
+    id: TaskRunId,
+    proposal: &Proposal,
+) -> Result<SetStateOutcome<TaskRun>> {
+    let (mut run, exec) = load_task_run(tx, caller, id).await?;
+    let now = tx.now();
+    let task = task_context(tx, caller, &run, proposal).await?;
+    let ctx = Context {
+        now,
+        execution_state: Some(exec.run.state.state_type),
+        task: Some(task),
+    };
+    let outcome = transition(
+        tx,
+        caller,
+        &mut run,
+        proposal,
+        &ctx,
+        exec.task_id.as_deref(),
+    )
+    .await?;
+    // Rule 8's other half: a completed result with a cache key is cached
+    // (a result that came from the cache is already there).
+    let state = &outcome.run.run.state;
+    if outcome.changed && state.state_type == StateType::Completed && state.name != rules::CACHED {
+        let details = &proposal.state.details;
+        if let Some(key) = details.cache_key.as_ref().or(run.cache_key.as_ref()) {
+            let expiration = details.cache_expiration.or(run.cache_expiration);
+            tx.put_cache_entry(
+                &caller.tenant_id,
+                key,
+                run.id,
+                run.run.output.as_ref(),
+                expiration,
+            )
+            .await?;
+        }
+    }
+    Ok(outcome)
+}
+
+/// Gathers what rules 8 to 10 look at: only a RUNNING proposal needs the
+/// cache and the upstream runs.
+async fn task_context(
+    tx: &mut WriteTx<'_>,
+    caller: &Caller,
+    run: &TaskRun,
+    proposal: &Proposal,
+) -> Result<TaskContext> {
+    let mut task = TaskContext {
+        retry_policy: run.retry_policy.clone(),
+        run_count: run.run.run_count,
+        jitter: rand::random::<f64>(),
+        ..TaskContext::default()
+    };
+    if proposal.state.state_type != StateType::Running || proposal.force {
+        return Ok(task);
+    }
+    let details = &proposal.state.details;
+    if !details.refresh_cache {
+        if let Some(key) = details.cache_key.as_ref().or(run.cache_key.as_ref()) {
+            task.cache = tx
+                .cache_entry(&caller.tenant_id, key)
+                .await?
+                .map(|(output, expiration)| CacheEntry { output, expiration });
+        }
+    }
+    let keys = template::referenced_keys(&run.input);
+    if !keys.is_empty() {
+        let mut upstreams = BTreeMap::new();
+        for key in keys {
+            let mut runs = tx.task_runs_by_key(run.execution_id, &key).await?;
+            // A run is never its own upstream.
+            runs.retain(|r| r.id != run.id);
+            upstreams.insert(key, upstream(&runs));
+        }
+        task.templates = Some(template::resolve(&run.input, &upstreams));
+    }
+    Ok(task)
+}
+
+/// What a task key's runs (newest first) offer a template: the latest
+/// COMPLETED output, or why there is none.
+fn upstream(runs: &[TaskRun]) -> Upstream {
+    if let Some(done) = runs
+        .iter()
+        .find(|r| r.run.state.state_type == StateType::Completed)
+    {
+        return Upstream::Completed {
+            id: done.id,
+            output: done.run.output.clone().unwrap_or(Value::Null),
+        };
+    }
+    if runs.is_empty() {
+        Upstream::Missing
+    } else if runs.iter().any(|r| !r.run.state.state_type.is_terminal()) {
+        Upstream::InProgress
+    } else {
+        Upstream::EndedOtherwise
+    }
+}
+
+async fn cancel_execution(
+    tx: &mut WriteTx<'_>,
+    caller: &Caller,
+    id: ExecutionId,
+    reason: &str,
+) -> Result<Execution> {
+    let mut exec = load_execution(tx, caller, id).await?;
+    let st = exec.run.state.state_type;
+    if st.is_terminal() {
+        return Err(Error::FailedPrecondition(format!(
+            "execution {id} is already {}; only a run that has not ended can be cancelled",
+            exec.run.state.name
+        )));
+    }
+    let now = tx.now();
+    let task_id = exec.task_id.clone();
+    // Task runs first, so that the execution's own (possibly terminal)
+    // event is the last a stream of it delivers.
+    for mut run in tx.task_runs_of(id).await? {
+        if let Some(target) = rules::cancel_target(st, run.run.state.state_type) {
+            let next = cancel_state(target, reason, now);
+            commit_transition(
+                tx,
+                &mut run,
+                next,
+                Payload::default(),
+                &caller.name,
+                task_id.as_deref(),
+            )
+            .await?;
+        }
+    }
+    if let Some(target) = rules::cancel_target(st, st) {
+        let next = cancel_state(target, reason, now);
+        commit_transition(
+            tx,
+            &mut exec,
+            next,
+            Payload::default(),
+            &caller.name,
+            task_id.as_deref(),
+        )
+        .await?;
+    }
+    Ok(exec)
+}
+
+fn cancel_state(target: StateType, reason: &str, now: Timestamp) -> State {
+    let mut p = StateProposal::of_type(target);
+    p.message = reason.to_owned();
+    p.into_state(now)
+}
+
+async fn resume_execution(
+    tx: &mut WriteTx<'_>,
+    caller: &Caller,
+    id: ExecutionId,
+    run_input: &Map<String, Value>,
+) -> Result<Execution> {
+    let mut exec = load_execution(tx, caller, id).await?;
+    let state = &exec.run.state;
+    if state.state_type != StateType::Paused {
+        return Err(Error::FailedPrecondition(format!(
+            "execution {id} is {}, not PAUSED; only a PAUSED run can be resumed",
+            state.name
+        )));
+    }
+    let now = tx.now();
+    if state.details.pause_timeout.is_some_and(|t| t <= now) {
+        return Err(Error::FailedPrecondition(format!(
+            "execution {id}'s pause has timed out"
+        )));
+    }
+    let missing: Vec<&str> = state
+        .details
+        .run_input_keyset
+        .keys()
+        .filter(|k| !run_input.contains_key(*k))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::InvalidArgument(Violations::single(
+            "run_input",
+            format!("missing keys: {}", missing.join(", ")),
+        )));
+    }
+    let mut next = StateProposal::of_type(StateType::Running);
+    next.data = Some(Value::Object(run_input.clone()));
+    let task_id = exec.task_id.clone();
+    commit_transition(
+        tx,
+        &mut exec,
+        next.into_state(now),
+        Payload::default(),
+        &caller.name,
+        task_id.as_deref(),
+    )
+    .await?;
+    Ok(exec)
+}
+
+/// How many timed-out pauses one sweep handles; the next sweep does more.
+const SWEEP_LIMIT: i64 = 256;
+
+async fn expire_pauses(tx: &mut WriteTx<'_>) -> Result<usize> {
+    let now = tx.now();
+    let (executions, task_runs) = tx.expired_pauses(now, SWEEP_LIMIT).await?;
+    let mut n = 0;
+    for (tenant, id) in executions {
+        let system = Caller {
+            tenant_id: tenant,
+            name: SYSTEM_ACTOR.into(),
+        };
+        let Ok(id) = ExecutionId::parse(&id) else {
+            continue;
+        };
+        let mut exec = load_execution(tx, &system, id).await?;
+        let task_id = exec.task_id.clone();
+        commit_transition(
+            tx,
+            &mut exec,
+            pause_timeout_state(now),
+            pause_timeout_error(),
+            SYSTEM_ACTOR,
+            task_id.as_deref(),
+        )
+        .await?;
+        n += 1;
+    }
+    for (tenant, id) in task_runs {
+        let system = Caller {
+            tenant_id: tenant,
+            name: SYSTEM_ACTOR.into(),
+        };
+        let Ok(id) = TaskRunId::parse(&id) else {
+            continue;
+        };
+        let (mut run, exec) = load_task_run(tx, &system, id).await?;
+        commit_transition(
+            tx,
+            &mut run,
+            pause_timeout_state(now),
+            pause_timeout_error(),
+            SYSTEM_ACTOR,
+            exec.task_id.as_deref(),
+        )
+        .await?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn pause_timeout_state(now: Timestamp) -> State {
+    let mut p = StateProposal::of_type(StateType::Failed).named(rules::PAUSE_TIMEOUT);
+    p.message = "the pause timed out before the run was resumed".into();
+    p.into_state(now)
+}
+
+fn pause_timeout_error() -> Payload {
+    Payload {
+        output: None,
+        error: Some(ErrorInfo {
+            message: "the pause timed out before the run was resumed".into(),
+            error_type: rules::PAUSE_TIMEOUT.into(),
+            traceback: String::new(),
+        }),
+    }
+}
+
+/// Rule 11 for a change the rules allowed or the server made: bookkeeping,
+/// a history row, a STATE_CHANGED event and the run itself, together.
+async fn commit_transition<R: Tracked>(
+    tx: &mut WriteTx<'_>,
+    run: &mut R,
+    next: State,
+    payload: Payload,
+    actor: &str,
+    task_id: Option<&str>,
+) -> Result<i64> {
+    let previous = run.core().state.state_type;
+    let occurred_at = next.timestamp;
+    rules::apply_accepted(run.core_mut(), next, payload, actor);
+    let tenant = run.resource().tenant_id().to_owned();
+    tx.append_state(&tenant, &run.run_id(), &run.core().state)
+        .await?;
+    let seq = tx
+        .append_event(&Event {
+            kind: EventKind::StateChanged,
+            occurred_at,
+            previous_state_type: Some(previous),
+            resource: run.resource(),
+            task_id,
+        })
+        .await?;
+    run.save(tx, seq).await?;
+    Ok(seq)
+}
+
+/// A change that is not a transition (deleted, marked stale): an event and
+/// the run.
+async fn commit_update<R: Tracked>(
+    tx: &mut WriteTx<'_>,
+    run: &R,
+    kind: EventKind,
+    task_id: Option<&str>,
+) -> Result<i64> {
+    let seq = tx
+        .append_event(&Event {
+            kind,
+            occurred_at: run.core().updated_at,
+            previous_state_type: None,
+            resource: run.resource(),
+            task_id,
+        })
+        .await?;
+    run.save(tx, seq).await?;
+    Ok(seq)
+}
+
+/// Applies the rules to a proposal for `run` and records what they decide.
 async fn transition<R: Tracked + Clone>(
     tx: &mut WriteTx<'_>,
     caller: &Caller,
     run: &mut R,
     proposal: &Proposal,
-    payload: &Payload,
     ctx: &Context,
     task_id: Option<&str>,
 ) -> Result<SetStateOutcome<R>> {
@@ -484,49 +916,70 @@ async fn transition<R: Tracked + Clone>(
             reason: first.reason,
             retry_after: None,
             run: run.clone(),
+            changed: false,
         });
     }
     let decision = rules::decide(&run.core().state, proposal, ctx);
+    let status = decision.status();
     let (reason, retry_after) = match &decision {
         Decision::Accept => (String::new(), None),
-        Decision::Reject { reason } | Decision::Abort { reason } => (reason.clone(), None),
+        Decision::Reject { reason }
+        | Decision::Abort { reason }
+        | Decision::Redirect { reason, .. } => (reason.clone(), None),
         Decision::Wait {
             reason,
             retry_after,
         } => (reason.clone(), Some(*retry_after)),
     };
-    if decision == Decision::Accept {
-        let previous = run.core().state.state_type;
-        let next = proposal.state.clone().into_state(ctx.now);
-        rules::apply_accepted(run.core_mut(), next, payload.clone(), &caller.name);
-        tx.append_state(&caller.tenant_id, &run_id, &run.core().state)
-            .await?;
-        let seq = tx
-            .append_event(&Event {
-                kind: EventKind::StateChanged,
-                occurred_at: ctx.now,
-                previous_state_type: Some(previous),
-                resource: run.resource(),
+    let changed = match decision {
+        Decision::Accept => {
+            let next = rules::next_state(&run.core().state, &proposal.state, ctx.now);
+            if let Some(Resolution::Resolved { value, task_inputs }) =
+                ctx.task.as_ref().and_then(|t| t.templates.as_ref())
+            {
+                run.set_resolved_input(value.clone(), task_inputs.clone());
+            }
+            commit_transition(
+                tx,
+                run,
+                next,
+                proposal.payload.clone(),
+                &caller.name,
                 task_id,
-            })
+            )
             .await?;
-        run.save(tx, seq).await?;
-        if let Some(tid) = transition_id {
-            let recorded = Recorded {
-                status: Status::Accept,
-                state: run.core().state.clone(),
-                reason: String::new(),
-            };
-            let json = serde_json::to_string(&recorded)
-                .map_err(|e| Error::Internal(format!("encoding a transition: {e}")))?;
-            tx.record_transition(&run_id, tid, &json).await?;
+            true
         }
+        Decision::Redirect { state, payload, .. } => {
+            commit_transition(
+                tx,
+                run,
+                state.into_state(ctx.now),
+                payload,
+                SYSTEM_ACTOR,
+                task_id,
+            )
+            .await?;
+            true
+        }
+        Decision::Reject { .. } | Decision::Wait { .. } | Decision::Abort { .. } => false,
+    };
+    if changed && let Some(tid) = transition_id {
+        let recorded = Recorded {
+            status,
+            state: run.core().state.clone(),
+            reason: reason.clone(),
+        };
+        let json = serde_json::to_string(&recorded)
+            .map_err(|e| Error::Internal(format!("encoding a transition: {e}")))?;
+        tx.record_transition(&run_id, tid, &json).await?;
     }
     Ok(SetStateOutcome {
-        status: decision.status(),
+        status,
         state: run.core().state.clone(),
         reason,
         retry_after,
         run: run.clone(),
+        changed,
     })
 }

@@ -75,9 +75,11 @@ impl WriteTx<'_> {
         self.writes_in_op += 1;
         sqlx::query(
             "INSERT INTO executions (id, tenant_id, created_at, task_id, state_type, request_id, \
-             request_hash, deleted_at, last_seq, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             request_hash, deleted_at, last_seq, doc, pause_deadline) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (id) DO UPDATE SET state_type = excluded.state_type, \
-             deleted_at = excluded.deleted_at, last_seq = excluded.last_seq, doc = excluded.doc",
+             deleted_at = excluded.deleted_at, last_seq = excluded.last_seq, doc = excluded.doc, \
+             pause_deadline = excluded.pause_deadline",
         )
         .bind(e.id.to_string())
         .bind(&e.tenant_id)
@@ -89,6 +91,7 @@ impl WriteTx<'_> {
         .bind(e.run.deleted_at.map(Timestamp::as_micros))
         .bind(last_seq)
         .bind(rows::encode_doc(e)?)
+        .bind(pause_deadline(&e.run))
         .execute(&mut *self.conn)
         .await?;
         Ok(())
@@ -140,10 +143,12 @@ impl WriteTx<'_> {
         self.writes_in_op += 1;
         sqlx::query(
             "INSERT INTO task_runs (id, tenant_id, execution_id, task_key, dynamic_key, created_at, \
-             state_type, stale, deleted_at, last_seq, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             state_type, stale, deleted_at, last_seq, doc, pause_deadline) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (id) DO UPDATE SET state_type = excluded.state_type, \
              stale = excluded.stale, deleted_at = excluded.deleted_at, \
-             last_seq = excluded.last_seq, doc = excluded.doc",
+             last_seq = excluded.last_seq, doc = excluded.doc, \
+             pause_deadline = excluded.pause_deadline",
         )
         .bind(t.id.to_string())
         .bind(&t.tenant_id)
@@ -156,9 +161,107 @@ impl WriteTx<'_> {
         .bind(t.run.deleted_at.map(Timestamp::as_micros))
         .bind(last_seq)
         .bind(rows::encode_doc(t)?)
+        .bind(pause_deadline(&t.run))
         .execute(&mut *self.conn)
         .await?;
         Ok(())
+    }
+
+    /// Every task run of an execution, oldest first.
+    pub async fn task_runs_of(&mut self, execution_id: ExecutionId) -> Result<Vec<TaskRun>> {
+        let docs: Vec<String> = sqlx::query_scalar(
+            "SELECT doc FROM task_runs WHERE execution_id = ? ORDER BY created_at, id",
+        )
+        .bind(execution_id.to_string())
+        .fetch_all(&mut *self.conn)
+        .await?;
+        docs.iter().map(|d| rows::decode_doc(d)).collect()
+    }
+
+    /// The runs of one task key in an execution, newest first.
+    pub async fn task_runs_by_key(
+        &mut self,
+        execution_id: ExecutionId,
+        task_key: &str,
+    ) -> Result<Vec<TaskRun>> {
+        let docs: Vec<String> = sqlx::query_scalar(
+            "SELECT doc FROM task_runs WHERE execution_id = ? AND task_key = ? \
+             ORDER BY created_at DESC, id DESC",
+        )
+        .bind(execution_id.to_string())
+        .bind(task_key)
+        .fetch_all(&mut *self.conn)
+        .await?;
+        docs.iter().map(|d| rows::decode_doc(d)).collect()
+    }
+
+    /// The tenant's cached result for `key`: output and expiration.
+    pub async fn cache_entry(
+        &mut self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<(Option<serde_json::Value>, Option<Timestamp>)>> {
+        let row: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT output, expiration FROM cache_entries WHERE tenant_id = ? AND cache_key = ?",
+        )
+        .bind(tenant)
+        .bind(key)
+        .fetch_optional(&mut *self.conn)
+        .await?;
+        row.map(|(output, exp)| {
+            let output = output.map(|o| rows::decode_doc(&o)).transpose()?;
+            Ok((output, exp.map(Timestamp::from_micros)))
+        })
+        .transpose()
+    }
+
+    pub async fn put_cache_entry(
+        &mut self,
+        tenant: &str,
+        key: &str,
+        run: TaskRunId,
+        output: Option<&serde_json::Value>,
+        expiration: Option<Timestamp>,
+    ) -> Result<()> {
+        self.writes_in_op += 1;
+        sqlx::query(
+            "INSERT INTO cache_entries (tenant_id, cache_key, task_run_id, output, expiration, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant_id, cache_key) DO UPDATE SET \
+             task_run_id = excluded.task_run_id, output = excluded.output, \
+             expiration = excluded.expiration, created_at = excluded.created_at",
+        )
+        .bind(tenant)
+        .bind(key)
+        .bind(run.to_string())
+        .bind(output.map(rows::encode_doc).transpose()?)
+        .bind(expiration.map(Timestamp::as_micros))
+        .bind(Timestamp::now().as_micros())
+        .execute(&mut *self.conn)
+        .await?;
+        Ok(())
+    }
+
+    /// PAUSED runs whose pause timed out by `now`: (tenant, id) of up to
+    /// `limit` executions and task runs each.
+    pub async fn expired_pauses(
+        &mut self,
+        now: Timestamp,
+        limit: i64,
+    ) -> Result<(Vec<(String, String)>, Vec<(String, String)>)> {
+        let executions = sqlx::query_as(
+            "SELECT tenant_id, id FROM executions WHERE pause_deadline <= ? LIMIT ?",
+        )
+        .bind(now.as_micros())
+        .bind(limit)
+        .fetch_all(&mut *self.conn)
+        .await?;
+        let task_runs =
+            sqlx::query_as("SELECT tenant_id, id FROM task_runs WHERE pause_deadline <= ? LIMIT ?")
+                .bind(now.as_micros())
+                .bind(limit)
+                .fetch_all(&mut *self.conn)
+                .await?;
+        Ok((executions, task_runs))
     }
 
     /// Appends a state to a run's history.
@@ -250,6 +353,14 @@ impl WriteTx<'_> {
             .await?;
         Ok(removed)
     }
+}
+
+/// The pause deadline the sweeper watches, while the run is PAUSED.
+fn pause_deadline(run: &crate::domain::RunCore) -> Option<i64> {
+    (run.state.state_type == crate::domain::StateType::Paused)
+        .then_some(run.state.details.pause_timeout)
+        .flatten()
+        .map(Timestamp::as_micros)
 }
 
 /// One unit of work for the writer.
