@@ -127,10 +127,10 @@ pub fn referenced_keys(input: &Value) -> Vec<String> {
     let mut keys: Vec<String> = Vec::new();
     for (_, s) in all {
         for piece in parse(s).unwrap_or_default() {
-            if let Piece::Ref(r) = piece {
-                if !keys.contains(&r.task_key) {
-                    keys.push(r.task_key);
-                }
+            if let Piece::Ref(r) = piece
+                && !keys.contains(&r.task_key)
+            {
+                keys.push(r.task_key);
             }
         }
     }

@@ -75,8 +75,10 @@ pub struct CacheEntry {
     pub expiration: Option<Timestamp>,
 }
 
-/// What happens to a proposal.
+/// What happens to a proposal. Short-lived, one per call: the size of the
+/// `Redirect` variant does not matter.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Decision {
     /// The proposed state becomes the run's state.
     Accept,

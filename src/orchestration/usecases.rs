@@ -631,13 +631,13 @@ async fn task_context(
         return Ok(task);
     }
     let details = &proposal.state.details;
-    if !details.refresh_cache {
-        if let Some(key) = details.cache_key.as_ref().or(run.cache_key.as_ref()) {
-            task.cache = tx
-                .cache_entry(&caller.tenant_id, key)
-                .await?
-                .map(|(output, expiration)| CacheEntry { output, expiration });
-        }
+    if !details.refresh_cache
+        && let Some(key) = details.cache_key.as_ref().or(run.cache_key.as_ref())
+    {
+        task.cache = tx
+            .cache_entry(&caller.tenant_id, key)
+            .await?
+            .map(|(output, expiration)| CacheEntry { output, expiration });
     }
     let keys = template::referenced_keys(&run.input);
     if !keys.is_empty() {
