@@ -6,6 +6,7 @@
 mod helpers;
 
 mod executions;
+mod orchestration;
 mod streams;
 mod task_runs;
 mod transitions;

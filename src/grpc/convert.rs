@@ -122,15 +122,23 @@ pub fn from_value(v: &prost_types::Value) -> Result<Value, String> {
     Ok(match &v.kind {
         None | Some(Kind::NullValue(_)) => Value::Null,
         Some(Kind::BoolValue(b)) => Value::Bool(*b),
-        Some(Kind::NumberValue(n)) => Number::from_f64(*n)
-            .map(Value::Number)
-            .ok_or("numbers must be finite")?,
+        Some(Kind::NumberValue(n)) => Value::Number(number(*n)?),
         Some(Kind::StringValue(s)) => Value::String(s.clone()),
         Some(Kind::ListValue(l)) => {
             Value::Array(l.values.iter().map(from_value).collect::<Result<_, _>>()?)
         }
         Some(Kind::StructValue(s)) => Value::Object(from_struct(s)?),
     })
+}
+
+/// Protobuf numbers are doubles; integral ones become JSON integers, so
+/// that `1` stays `1` (in templates interpolated as text too).
+fn number(n: f64) -> Result<Number, String> {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    if n.fract() == 0.0 && n.abs() <= EXACT {
+        return Ok(Number::from(n as i64));
+    }
+    Number::from_f64(n).ok_or_else(|| "numbers must be finite".to_owned())
 }
 
 pub fn from_struct(s: &Struct) -> Result<Map<String, Value>, String> {
@@ -307,7 +315,7 @@ mod tests {
 
     #[test]
     fn json_round_trips_through_protobuf_values() {
-        let v = json!({"a": [1.5, "x", null, true, {"b": {}}], "c": -3.0});
+        let v = json!({"a": [1.5, "x", null, true, {"b": {}}], "c": -3, "d": 1e300});
         assert_eq!(from_value(&value(&v)).unwrap(), v);
         let nan = prost_types::Value {
             kind: Some(Kind::NumberValue(f64::NAN)),
