@@ -322,7 +322,7 @@ async fn templates_resolve_from_upstream_outputs_when_running() {
         to_json(t.resolved_input.as_ref().unwrap()),
         serde_json::json!({"all": {"items": [10, 20], "name": "x"}, "second": 20, "text": "name is x", "fixed": 5})
     );
-    assert_eq!(t.task_inputs, [fetch.id.clone()]);
+    assert_eq!(t.task_inputs, std::slice::from_ref(&fetch.id));
 
     // An unresolvable reference fails the run, naming the reference.
     let broken = task_run(
@@ -759,8 +759,8 @@ async fn only_finished_task_runs_can_be_marked_stale() {
             .collect::<Vec<_>>()
         }
     };
-    assert_eq!(only(true).await, [run.id.clone()]);
-    assert_eq!(only(false).await, [fresh.id.clone()]);
+    assert_eq!(only(true).await, std::slice::from_ref(&run.id));
+    assert_eq!(only(false).await, std::slice::from_ref(&fresh.id));
 }
 
 #[tokio::test]
