@@ -19,6 +19,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the gRPC service (the default when no command is given).
     Serve(Config),
+    /// Measure throughput, latency, fan-out and memory of a server.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,7 +88,7 @@ impl Config {
     pub fn new_from_env() -> Result<Self, clap::Error> {
         match Cli::try_parse_from(["runledger", "serve"])?.command {
             Some(Command::Serve(config)) => Ok(config),
-            None => unreachable!("the serve command was given"),
+            _ => unreachable!("the serve command was given"),
         }
     }
 

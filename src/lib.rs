@@ -5,6 +5,7 @@
 //! decides, `store` commits, `stream` publishes, `grpc` encodes.
 
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod domain;
 mod error;

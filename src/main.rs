@@ -10,6 +10,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = match cli.command {
         Some(Command::Serve(config)) => config,
+        Some(Command::Bench(args)) => {
+            runledger::bench::run(args).await?;
+            return Ok(());
+        }
         None => runledger::config::Config::new_from_env()?,
     };
     runledger::telemetry::init(config.log_format);
