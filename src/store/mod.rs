@@ -3,6 +3,7 @@
 
 mod page;
 mod rows;
+mod tx;
 mod writer;
 
 use std::{str::FromStr, time::Duration};
@@ -14,8 +15,8 @@ use sqlx::{
 use tokio::sync::{mpsc, oneshot};
 
 pub use page::{Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page};
+pub use tx::WriteTx;
 pub(crate) use writer::TxFuture;
-pub use writer::WriteTx;
 
 use crate::{
     Error, Result,

@@ -1,0 +1,609 @@
+//! The write transaction as the operations see it. Writes are kept in an
+//! overlay and flushed as a few multi-row statements when the batch
+//! commits (or before a query the overlay cannot answer); point reads are
+//! answered from the overlay, then from the cache of runs the writer
+//! recently wrote or read, then from the database. The writer is the only
+//! one writing runs, so a cached run is always its latest version.
+
+use std::{collections::HashMap, sync::Arc};
+
+use lru::LruCache;
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+
+use super::rows;
+use crate::{
+    Result,
+    domain::{Event, Execution, ExecutionId, State, TaskRun, TaskRunId, Timestamp},
+    stream::LoggedEvent,
+};
+
+/// How many statements' worth of rows one multi-row insert carries, kept
+/// well under SQLite's limit on bound variables.
+const ROWS_PER_STATEMENT: usize = 256;
+
+/// A run as the writer last wrote or read it.
+#[derive(Debug, Clone)]
+pub(crate) enum CachedRun {
+    Execution(Execution),
+    TaskRun(TaskRun),
+}
+
+pub(crate) type RunCache = LruCache<String, CachedRun>;
+
+#[derive(Debug)]
+struct PendingRun {
+    run: CachedRun,
+    last_seq: i64,
+    /// Set when the execution is created with a request_id.
+    request_hash: Option<String>,
+}
+
+#[derive(Debug)]
+struct PendingEvent {
+    logged: Arc<LoggedEvent>,
+    occurred_at: i64,
+    payload: Vec<u8>,
+}
+
+/// The view an operation has of the open write transaction. Reads see the
+/// writes of earlier operations in the same batch.
+#[derive(Debug)]
+pub struct WriteTx<'c> {
+    conn: &'c mut SqliteConnection,
+    cache: &'c mut RunCache,
+    next_seq: i64,
+    /// Runs written in this transaction, latest version, by id.
+    overlay: HashMap<String, PendingRun>,
+    /// Ids in `overlay` not yet flushed, in first-write order.
+    dirty: Vec<String>,
+    states: Vec<(String, String, State)>,
+    events: Vec<PendingEvent>,
+    published: Vec<Arc<LoggedEvent>>,
+    /// Changes made since the current operation began.
+    pub(super) writes_in_op: usize,
+}
+
+impl<'c> WriteTx<'c> {
+    pub(super) fn new(
+        conn: &'c mut SqliteConnection,
+        cache: &'c mut RunCache,
+        next_seq: i64,
+    ) -> Self {
+        WriteTx {
+            conn,
+            cache,
+            next_seq,
+            overlay: HashMap::new(),
+            dirty: Vec::new(),
+            states: Vec::new(),
+            events: Vec::new(),
+            published: Vec::new(),
+            writes_in_op: 0,
+        }
+    }
+
+    /// The events written and the runs to remember once committed.
+    pub(super) fn into_parts(self) -> (Vec<Arc<LoggedEvent>>, Vec<(String, CachedRun)>) {
+        let runs = self
+            .overlay
+            .into_iter()
+            .map(|(id, p)| (id, p.run))
+            .collect();
+        (self.published, runs)
+    }
+
+    pub fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+
+    fn known(&mut self, id: &str) -> Option<&CachedRun> {
+        match self.overlay.get(id) {
+            Some(p) => Some(&p.run),
+            None => self.cache.get(id),
+        }
+    }
+
+    pub async fn execution(&mut self, tenant: &str, id: ExecutionId) -> Result<Option<Execution>> {
+        let key = id.to_string();
+        if let Some(run) = self.known(&key) {
+            return Ok(match run {
+                CachedRun::Execution(e) if e.tenant_id == tenant => Some(e.clone()),
+                _ => None,
+            });
+        }
+        let doc: Option<String> = sqlx::query_scalar("SELECT doc FROM executions WHERE id = ?")
+            .bind(&key)
+            .fetch_optional(&mut *self.conn)
+            .await?;
+        let Some(e) = doc.map(|d| rows::decode_doc::<Execution>(&d)).transpose()? else {
+            return Ok(None);
+        };
+        // Not in the overlay, so this is the committed, latest version.
+        self.cache.put(key, CachedRun::Execution(e.clone()));
+        Ok((e.tenant_id == tenant).then_some(e))
+    }
+
+    pub async fn task_run(&mut self, tenant: &str, id: TaskRunId) -> Result<Option<TaskRun>> {
+        let key = id.to_string();
+        if let Some(run) = self.known(&key) {
+            return Ok(match run {
+                CachedRun::TaskRun(t) if t.tenant_id == tenant => Some(t.clone()),
+                _ => None,
+            });
+        }
+        let doc: Option<String> = sqlx::query_scalar("SELECT doc FROM task_runs WHERE id = ?")
+            .bind(&key)
+            .fetch_optional(&mut *self.conn)
+            .await?;
+        let Some(t) = doc.map(|d| rows::decode_doc::<TaskRun>(&d)).transpose()? else {
+            return Ok(None);
+        };
+        self.cache.put(key, CachedRun::TaskRun(t.clone()));
+        Ok((t.tenant_id == tenant).then_some(t))
+    }
+
+    /// The execution created with `request_id`, and its request fingerprint.
+    pub async fn execution_by_request_id(
+        &mut self,
+        tenant: &str,
+        request_id: &str,
+    ) -> Result<Option<(Execution, String)>> {
+        let in_batch = self.overlay.values().find_map(|p| match &p.run {
+            CachedRun::Execution(e)
+                if e.tenant_id == tenant && e.request_id.as_deref() == Some(request_id) =>
+            {
+                Some((e.clone(), p.request_hash.clone()))
+            }
+            _ => None,
+        });
+        if let Some((e, hash)) = in_batch {
+            let hash = match hash {
+                Some(h) => h,
+                None => self.request_hash(&e.id.to_string()).await?,
+            };
+            return Ok(Some((e, hash)));
+        }
+        let row: Option<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT id, doc, request_hash FROM executions WHERE tenant_id = ? AND request_id = ?",
+        )
+        .bind(tenant)
+        .bind(request_id)
+        .fetch_optional(&mut *self.conn)
+        .await?;
+        let Some((id, doc, hash)) = row else {
+            return Ok(None);
+        };
+        let e = match self.known(&id) {
+            Some(CachedRun::Execution(e)) => e.clone(),
+            _ => rows::decode_doc(&doc)?,
+        };
+        Ok(Some((e, hash.unwrap_or_default())))
+    }
+
+    async fn request_hash(&mut self, id: &str) -> Result<String> {
+        let hash: Option<Option<String>> =
+            sqlx::query_scalar("SELECT request_hash FROM executions WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut *self.conn)
+                .await?;
+        Ok(hash.flatten().unwrap_or_default())
+    }
+
+    pub async fn save_execution(
+        &mut self,
+        e: &Execution,
+        request_hash: Option<&str>,
+        last_seq: i64,
+    ) -> Result<()> {
+        let id = e.id.to_string();
+        self.remember(id, CachedRun::Execution(e.clone()), last_seq, request_hash);
+        Ok(())
+    }
+
+    pub async fn save_task_run(&mut self, t: &TaskRun, last_seq: i64) -> Result<()> {
+        let id = t.id.to_string();
+        self.remember(id, CachedRun::TaskRun(t.clone()), last_seq, None);
+        Ok(())
+    }
+
+    fn remember(&mut self, id: String, run: CachedRun, last_seq: i64, request_hash: Option<&str>) {
+        self.writes_in_op += 1;
+        match self.overlay.get_mut(&id) {
+            Some(p) => {
+                if !self.dirty.contains(&id) {
+                    self.dirty.push(id);
+                }
+                p.run = run;
+                p.last_seq = last_seq;
+                if let Some(h) = request_hash {
+                    p.request_hash = Some(h.to_owned());
+                }
+            }
+            None => {
+                self.dirty.push(id.clone());
+                self.overlay.insert(
+                    id,
+                    PendingRun {
+                        run,
+                        last_seq,
+                        request_hash: request_hash.map(str::to_owned),
+                    },
+                );
+            }
+        }
+    }
+
+    pub async fn task_run_by_key(
+        &mut self,
+        execution_id: ExecutionId,
+        task_key: &str,
+        dynamic_key: &str,
+    ) -> Result<Option<TaskRun>> {
+        let in_batch = self.overlay.values().find_map(|p| match &p.run {
+            CachedRun::TaskRun(t)
+                if t.execution_id == execution_id
+                    && t.task_key == task_key
+                    && t.dynamic_key == dynamic_key =>
+            {
+                Some(t.clone())
+            }
+            _ => None,
+        });
+        if in_batch.is_some() {
+            return Ok(in_batch);
+        }
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT id, doc FROM task_runs WHERE execution_id = ? AND task_key = ? AND dynamic_key = ?",
+        )
+        .bind(execution_id.to_string())
+        .bind(task_key)
+        .bind(dynamic_key)
+        .fetch_optional(&mut *self.conn)
+        .await?;
+        let Some((id, doc)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(match self.known(&id) {
+            Some(CachedRun::TaskRun(t)) => t.clone(),
+            _ => rows::decode_doc(&doc)?,
+        }))
+    }
+
+    /// How many task runs the execution has for `task_key`.
+    pub async fn count_task_runs_for_key(
+        &mut self,
+        execution_id: ExecutionId,
+        task_key: &str,
+    ) -> Result<i64> {
+        self.flush().await?;
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM task_runs WHERE execution_id = ? AND task_key = ?",
+        )
+        .bind(execution_id.to_string())
+        .bind(task_key)
+        .fetch_one(&mut *self.conn)
+        .await?)
+    }
+
+    /// Every task run of an execution, oldest first.
+    pub async fn task_runs_of(&mut self, execution_id: ExecutionId) -> Result<Vec<TaskRun>> {
+        self.flush().await?;
+        let docs: Vec<String> = sqlx::query_scalar(
+            "SELECT doc FROM task_runs WHERE execution_id = ? ORDER BY created_at, id",
+        )
+        .bind(execution_id.to_string())
+        .fetch_all(&mut *self.conn)
+        .await?;
+        docs.iter().map(|d| rows::decode_doc(d)).collect()
+    }
+
+    /// The runs of one task key in an execution, newest first.
+    pub async fn task_runs_by_key(
+        &mut self,
+        execution_id: ExecutionId,
+        task_key: &str,
+    ) -> Result<Vec<TaskRun>> {
+        self.flush().await?;
+        let docs: Vec<String> = sqlx::query_scalar(
+            "SELECT doc FROM task_runs WHERE execution_id = ? AND task_key = ? \
+             ORDER BY created_at DESC, id DESC",
+        )
+        .bind(execution_id.to_string())
+        .bind(task_key)
+        .fetch_all(&mut *self.conn)
+        .await?;
+        docs.iter().map(|d| rows::decode_doc(d)).collect()
+    }
+
+    /// The tenant's cached result for `key`: output and expiration.
+    pub async fn cache_entry(
+        &mut self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<(Option<serde_json::Value>, Option<Timestamp>)>> {
+        let row: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT output, expiration FROM cache_entries WHERE tenant_id = ? AND cache_key = ?",
+        )
+        .bind(tenant)
+        .bind(key)
+        .fetch_optional(&mut *self.conn)
+        .await?;
+        row.map(|(output, exp)| {
+            let output = output.map(|o| rows::decode_doc(&o)).transpose()?;
+            Ok((output, exp.map(Timestamp::from_micros)))
+        })
+        .transpose()
+    }
+
+    pub async fn put_cache_entry(
+        &mut self,
+        tenant: &str,
+        key: &str,
+        run: TaskRunId,
+        output: Option<&serde_json::Value>,
+        expiration: Option<Timestamp>,
+    ) -> Result<()> {
+        self.writes_in_op += 1;
+        sqlx::query(
+            "INSERT INTO cache_entries (tenant_id, cache_key, task_run_id, output, expiration, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant_id, cache_key) DO UPDATE SET \
+             task_run_id = excluded.task_run_id, output = excluded.output, \
+             expiration = excluded.expiration, created_at = excluded.created_at",
+        )
+        .bind(tenant)
+        .bind(key)
+        .bind(run.to_string())
+        .bind(output.map(rows::encode_doc).transpose()?)
+        .bind(expiration.map(Timestamp::as_micros))
+        .bind(Timestamp::now().as_micros())
+        .execute(&mut *self.conn)
+        .await?;
+        Ok(())
+    }
+
+    /// PAUSED runs whose pause timed out by `now`: (tenant, id) of up to
+    /// `limit` executions and task runs each.
+    pub async fn expired_pauses(
+        &mut self,
+        now: Timestamp,
+        limit: i64,
+    ) -> Result<(Vec<(String, String)>, Vec<(String, String)>)> {
+        self.flush().await?;
+        let executions = sqlx::query_as(
+            "SELECT tenant_id, id FROM executions WHERE pause_deadline <= ? LIMIT ?",
+        )
+        .bind(now.as_micros())
+        .bind(limit)
+        .fetch_all(&mut *self.conn)
+        .await?;
+        let task_runs =
+            sqlx::query_as("SELECT tenant_id, id FROM task_runs WHERE pause_deadline <= ? LIMIT ?")
+                .bind(now.as_micros())
+                .bind(limit)
+                .fetch_all(&mut *self.conn)
+                .await?;
+        Ok((executions, task_runs))
+    }
+
+    /// Appends a state to a run's history.
+    pub async fn append_state(&mut self, tenant: &str, run_id: &str, state: &State) -> Result<()> {
+        self.writes_in_op += 1;
+        self.states
+            .push((tenant.to_owned(), run_id.to_owned(), state.clone()));
+        Ok(())
+    }
+
+    /// The recorded first result of a transition_id, as JSON.
+    pub async fn transition(
+        &mut self,
+        run_id: &str,
+        transition_id: &str,
+    ) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT result FROM transitions WHERE run_id = ? AND transition_id = ?",
+        )
+        .bind(run_id)
+        .bind(transition_id)
+        .fetch_optional(&mut *self.conn)
+        .await?)
+    }
+
+    pub async fn record_transition(
+        &mut self,
+        run_id: &str,
+        transition_id: &str,
+        result_json: &str,
+    ) -> Result<()> {
+        self.writes_in_op += 1;
+        sqlx::query("INSERT INTO transitions (run_id, transition_id, result) VALUES (?, ?, ?)")
+            .bind(run_id)
+            .bind(transition_id)
+            .bind(result_json)
+            .execute(&mut *self.conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Appends an event to the log and returns its sequence. Subscribers
+    /// receive it once the transaction commits.
+    pub async fn append_event(&mut self, event: &Event<'_>) -> Result<i64> {
+        self.writes_in_op += 1;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let logged = Arc::new(LoggedEvent::new(seq, event));
+        self.events.push(PendingEvent {
+            payload: logged.encode(),
+            occurred_at: event.occurred_at.as_micros(),
+            logged: Arc::clone(&logged),
+        });
+        self.published.push(logged);
+        Ok(seq)
+    }
+
+    /// Removes events that occurred before `cutoff` and raises the
+    /// compaction mark. Returns how many were removed.
+    pub(crate) async fn prune_events(&mut self, cutoff: Timestamp) -> Result<u64> {
+        self.flush().await?;
+        let max: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(seq) FROM events WHERE occurred_at < ?")
+                .bind(cutoff.as_micros())
+                .fetch_one(&mut *self.conn)
+                .await?;
+        let Some(max) = max else { return Ok(0) };
+        self.writes_in_op += 1;
+        let removed = sqlx::query("DELETE FROM events WHERE seq <= ?")
+            .bind(max)
+            .execute(&mut *self.conn)
+            .await?
+            .rows_affected();
+        sqlx::query("UPDATE counters SET value = MAX(value, ?) WHERE name = 'compacted_seq'")
+            .bind(max)
+            .execute(&mut *self.conn)
+            .await?;
+        Ok(removed)
+    }
+
+    /// Writes everything pending: executions before the task runs that
+    /// reference them, then history rows and events.
+    pub(super) async fn flush(&mut self) -> Result<()> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let (mut executions, mut task_runs) = (Vec::new(), Vec::new());
+        for id in &dirty {
+            match self.overlay.get(id) {
+                Some(
+                    p @ PendingRun {
+                        run: CachedRun::Execution(_),
+                        ..
+                    },
+                ) => executions.push(p),
+                Some(
+                    p @ PendingRun {
+                        run: CachedRun::TaskRun(_),
+                        ..
+                    },
+                ) => task_runs.push(p),
+                None => {}
+            }
+        }
+        for chunk in executions.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO executions (id, tenant_id, created_at, task_id, state_type, request_id, \
+                 request_hash, deleted_at, last_seq, doc, pause_deadline) ",
+            );
+            let mut failed = None;
+            q.push_values(chunk, |mut b, p| {
+                let CachedRun::Execution(e) = &p.run else {
+                    unreachable!("sorted above")
+                };
+                let doc = rows::encode_doc(e).unwrap_or_else(|err| {
+                    failed = Some(err);
+                    String::new()
+                });
+                b.push_bind(e.id.to_string())
+                    .push_bind(e.tenant_id.clone())
+                    .push_bind(e.run.created_at.as_micros())
+                    .push_bind(e.task_id.clone())
+                    .push_bind(e.run.state.state_type.code())
+                    .push_bind(e.request_id.clone())
+                    .push_bind(p.request_hash.clone())
+                    .push_bind(e.run.deleted_at.map(Timestamp::as_micros))
+                    .push_bind(p.last_seq)
+                    .push_bind(doc)
+                    .push_bind(pause_deadline(&e.run));
+            });
+            if let Some(err) = failed {
+                return Err(err);
+            }
+            q.push(
+                " ON CONFLICT (id) DO UPDATE SET state_type = excluded.state_type, \
+                 deleted_at = excluded.deleted_at, last_seq = excluded.last_seq, doc = excluded.doc, \
+                 pause_deadline = excluded.pause_deadline",
+            );
+            q.build().persistent(false).execute(&mut *self.conn).await?;
+        }
+        for chunk in task_runs.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO task_runs (id, tenant_id, execution_id, task_key, dynamic_key, created_at, \
+                 state_type, stale, deleted_at, last_seq, doc, pause_deadline) ",
+            );
+            let mut failed = None;
+            q.push_values(chunk, |mut b, p| {
+                let CachedRun::TaskRun(t) = &p.run else {
+                    unreachable!("sorted above")
+                };
+                let doc = rows::encode_doc(t).unwrap_or_else(|err| {
+                    failed = Some(err);
+                    String::new()
+                });
+                b.push_bind(t.id.to_string())
+                    .push_bind(t.tenant_id.clone())
+                    .push_bind(t.execution_id.to_string())
+                    .push_bind(t.task_key.clone())
+                    .push_bind(t.dynamic_key.clone())
+                    .push_bind(t.run.created_at.as_micros())
+                    .push_bind(t.run.state.state_type.code())
+                    .push_bind(t.stale)
+                    .push_bind(t.run.deleted_at.map(Timestamp::as_micros))
+                    .push_bind(p.last_seq)
+                    .push_bind(doc)
+                    .push_bind(pause_deadline(&t.run));
+            });
+            if let Some(err) = failed {
+                return Err(err);
+            }
+            q.push(
+                " ON CONFLICT (id) DO UPDATE SET state_type = excluded.state_type, \
+                 stale = excluded.stale, deleted_at = excluded.deleted_at, \
+                 last_seq = excluded.last_seq, doc = excluded.doc, \
+                 pause_deadline = excluded.pause_deadline",
+            );
+            q.build().persistent(false).execute(&mut *self.conn).await?;
+        }
+        let states = std::mem::take(&mut self.states);
+        for chunk in states.chunks(ROWS_PER_STATEMENT) {
+            let mut q =
+                QueryBuilder::<Sqlite>::new("INSERT INTO states (id, tenant_id, run_id, doc) ");
+            let mut failed = None;
+            q.push_values(chunk, |mut b, (tenant, run_id, state)| {
+                let doc = rows::encode_doc(state).unwrap_or_else(|err| {
+                    failed = Some(err);
+                    String::new()
+                });
+                b.push_bind(state.id.to_string())
+                    .push_bind(tenant.clone())
+                    .push_bind(run_id.clone())
+                    .push_bind(doc);
+            });
+            if let Some(err) = failed {
+                return Err(err);
+            }
+            q.build().persistent(false).execute(&mut *self.conn).await?;
+        }
+        let events = std::mem::take(&mut self.events);
+        for chunk in events.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO events (seq, tenant_id, execution_id, task_run_id, task_id, occurred_at, payload) ",
+            );
+            q.push_values(chunk, |mut b, e| {
+                let l = &e.logged;
+                b.push_bind(l.seq)
+                    .push_bind(l.tenant_id.clone())
+                    .push_bind(l.execution_id.clone())
+                    .push_bind(l.task_run_id.clone())
+                    .push_bind(l.task_id.clone())
+                    .push_bind(e.occurred_at)
+                    .push_bind(e.payload.clone());
+            });
+            q.build().persistent(false).execute(&mut *self.conn).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The pause deadline the sweeper watches, while the run is PAUSED.
+fn pause_deadline(run: &crate::domain::RunCore) -> Option<i64> {
+    (run.state.state_type == crate::domain::StateType::Paused)
+        .then_some(run.state.details.pause_timeout)
+        .flatten()
+        .map(Timestamp::as_micros)
+}
