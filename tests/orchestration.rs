@@ -799,3 +799,110 @@ async fn run_time_estimates_follow_the_run() {
     );
     assert!(done.estimated_start_time_delta.is_some());
 }
+
+#[tokio::test]
+async fn replays_mixed_into_busy_batches_return_the_original_runs() {
+    let app = spawn_app().await;
+    let exec = running_execution(&app).await;
+    let original = task_run(
+        &app,
+        pb::CreateTaskRunRequest {
+            execution_id: exec.id.clone(),
+            task_key: "k".into(),
+            dynamic_key: "7".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let first = app
+        .executions
+        .clone()
+        .create_execution(pb::CreateExecutionRequest {
+            goal: "g".into(),
+            request_id: "req-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+
+    // Replays and new creates arrive together, so they share batches.
+    let mut calls = Vec::new();
+    for i in 0..60 {
+        let (mut tasks, mut execs, exec_id) = (
+            app.task_runs.clone(),
+            app.executions.clone(),
+            exec.id.clone(),
+        );
+        calls.push(tokio::spawn(async move {
+            let dynamic_key = if i % 2 == 0 {
+                "7".to_owned()
+            } else {
+                format!("new-{i}")
+            };
+            let t = tasks
+                .create_task_run(pb::CreateTaskRunRequest {
+                    execution_id: exec_id,
+                    task_key: "k".into(),
+                    dynamic_key,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let request_id = if i % 3 == 0 {
+                "req-1".to_owned()
+            } else {
+                format!("req-new-{i}")
+            };
+            let e = execs
+                .create_execution(pb::CreateExecutionRequest {
+                    goal: "g".into(),
+                    request_id,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (i, t, e)
+        }));
+    }
+    for c in calls {
+        let (i, t, e) = c.await.unwrap();
+        let run = t.task_run.unwrap();
+        if i % 2 == 0 {
+            assert_eq!(
+                (run.id.as_str(), t.created),
+                (original.id.as_str(), false),
+                "replay {i}"
+            );
+        } else {
+            assert!(t.created, "new {i}");
+        }
+        let execution = e.execution.unwrap();
+        if i % 3 == 0 {
+            assert_eq!(
+                (execution.id.as_str(), e.created),
+                (first.id.as_str(), false),
+                "replay {i}"
+            );
+        } else {
+            assert!(e.created);
+        }
+    }
+    let runs = app
+        .task_runs
+        .clone()
+        .list_task_runs(pb::ListTaskRunsRequest {
+            execution_id: exec.id.clone(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_runs;
+    assert_eq!(runs.len(), 31, "the original and 30 new ones");
+}

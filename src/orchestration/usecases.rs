@@ -355,40 +355,21 @@ async fn create_task_run(
     {
         return Ok((existing, false));
     }
-    let exec_state = exec.run.state.state_type;
-    if exec_state.is_terminal() || exec_state == StateType::Cancelling {
-        return Err(Error::FailedPrecondition(format!(
-            "execution {} is {}; it takes no new task runs",
-            exec.id, exec.run.state.name
-        )));
-    }
-    if exec.run.deleted_at.is_some() {
-        return Err(Error::FailedPrecondition(format!(
-            "execution {} is deleted",
-            exec.id
-        )));
-    }
-    let depth = match new.parent_task_run_id {
-        None => 1,
-        Some(parent_id) => {
-            let parent = tx
-                .task_run(tenant, parent_id)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("parent task run {parent_id} not found")))?;
-            if parent.execution_id != exec.id {
-                return Err(Error::FailedPrecondition(format!(
-                    "parent task run {parent_id} belongs to another execution"
-                )));
+    let depth = match may_add_task_run(tx, tenant, &exec, new).await {
+        Ok(depth) => depth,
+        Err(refusal) => {
+            // A refusal must not hide an earlier identical create: look
+            // for it in the database before refusing.
+            if let Some(key) = &new.dynamic_key
+                && let Some(existing) = tx
+                    .task_run_by_key_checked(exec.id, &new.task_key, key)
+                    .await?
+            {
+                return Ok((existing, false));
             }
-            parent.depth + 1
+            return Err(refusal);
         }
     };
-    if depth > exec.max_depth {
-        return Err(Error::FailedPrecondition(format!(
-            "a task run at depth {depth} exceeds the execution's max_depth of {}",
-            exec.max_depth
-        )));
-    }
     let dynamic_key = match &new.dynamic_key {
         Some(key) => key.clone(),
         None => next_dynamic_key(tx, exec.id, &new.task_key).await?,
@@ -430,6 +411,52 @@ async fn create_task_run(
     let seq = record_creation_with(tx, &run, exec.task_id.as_deref()).await?;
     tx.save_task_run(&run, seq).await?;
     Ok((run, true))
+}
+
+/// Whether `exec` takes this new task run (not finished, not cancelling,
+/// not deleted, with a parent in the same execution and within its
+/// max_depth), and at which depth.
+async fn may_add_task_run(
+    tx: &mut WriteTx<'_>,
+    tenant: &str,
+    exec: &Execution,
+    new: &NewTaskRun,
+) -> Result<i32> {
+    let exec_state = exec.run.state.state_type;
+    if exec_state.is_terminal() || exec_state == StateType::Cancelling {
+        return Err(Error::FailedPrecondition(format!(
+            "execution {} is {}; it takes no new task runs",
+            exec.id, exec.run.state.name
+        )));
+    }
+    if exec.run.deleted_at.is_some() {
+        return Err(Error::FailedPrecondition(format!(
+            "execution {} is deleted",
+            exec.id
+        )));
+    }
+    let depth = match new.parent_task_run_id {
+        None => 1,
+        Some(parent_id) => {
+            let parent = tx
+                .task_run(tenant, parent_id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("parent task run {parent_id} not found")))?;
+            if parent.execution_id != exec.id {
+                return Err(Error::FailedPrecondition(format!(
+                    "parent task run {parent_id} belongs to another execution"
+                )));
+            }
+            parent.depth + 1
+        }
+    };
+    if depth > exec.max_depth {
+        return Err(Error::FailedPrecondition(format!(
+            "a task run at depth {depth} exceeds the execution's max_depth of {}",
+            exec.max_depth
+        )));
+    }
+    Ok(depth)
 }
 
 /// The smallest free zero-based index at or above the count of the task

@@ -61,6 +61,11 @@ pub struct WriteTx<'c> {
     published: Vec<Arc<LoggedEvent>>,
     /// Changes made since the current operation began.
     pub(super) writes_in_op: usize,
+    /// Whether lookups by idempotency key also ask the database. A batch of
+    /// several operations skips that round trip per operation: the unique
+    /// indexes still refuse a duplicate at flush, and the writer then
+    /// retries the batch one operation at a time, carefully.
+    pub(super) careful: bool,
 }
 
 impl<'c> WriteTx<'c> {
@@ -79,6 +84,7 @@ impl<'c> WriteTx<'c> {
             events: Vec::new(),
             published: Vec::new(),
             writes_in_op: 0,
+            careful: true,
         }
     }
 
@@ -163,6 +169,9 @@ impl<'c> WriteTx<'c> {
             };
             return Ok(Some((e, hash)));
         }
+        if !self.careful {
+            return Ok(None);
+        }
         let row: Option<(String, String, Option<String>)> = sqlx::query_as(
             "SELECT id, doc, request_hash FROM executions WHERE tenant_id = ? AND request_id = ?",
         )
@@ -233,11 +242,35 @@ impl<'c> WriteTx<'c> {
         }
     }
 
+    /// The task run with this key, if any; see `careful`.
     pub async fn task_run_by_key(
         &mut self,
         execution_id: ExecutionId,
         task_key: &str,
         dynamic_key: &str,
+    ) -> Result<Option<TaskRun>> {
+        let careful = self.careful;
+        self.find_task_run_by_key(execution_id, task_key, dynamic_key, careful)
+            .await
+    }
+
+    /// The task run with this key, if any, asking the database too.
+    pub async fn task_run_by_key_checked(
+        &mut self,
+        execution_id: ExecutionId,
+        task_key: &str,
+        dynamic_key: &str,
+    ) -> Result<Option<TaskRun>> {
+        self.find_task_run_by_key(execution_id, task_key, dynamic_key, true)
+            .await
+    }
+
+    async fn find_task_run_by_key(
+        &mut self,
+        execution_id: ExecutionId,
+        task_key: &str,
+        dynamic_key: &str,
+        ask_database: bool,
     ) -> Result<Option<TaskRun>> {
         let in_batch = self.overlay.values().find_map(|p| match &p.run {
             CachedRun::TaskRun(t)
@@ -249,7 +282,7 @@ impl<'c> WriteTx<'c> {
             }
             _ => None,
         });
-        if in_batch.is_some() {
+        if in_batch.is_some() || !ask_database {
             return Ok(in_batch);
         }
         let row: Option<(String, String)> = sqlx::query_as(

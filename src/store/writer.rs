@@ -160,6 +160,7 @@ async fn commit(
 ) -> Result<Vec<Arc<LoggedEvent>>> {
     sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
     let mut tx = WriteTx::new(conn, cache, next_seq);
+    tx.careful = ops.len() == 1;
     let mut result = Ok(());
     for op in ops.iter_mut() {
         result = op.apply(&mut tx).await;
