@@ -109,7 +109,14 @@ impl Store {
             .busy_timeout(Duration::from_secs(10))
             .statement_cache_capacity(256);
 
-        let mut conn = SqliteConnection::connect_with(&options).await?;
+        // The writer's own settings: a larger page cache, and checkpoints
+        // left to the checkpointer below (the limit is a safety net should
+        // it fall behind), so commits never copy the WAL back themselves.
+        let writer_options = options
+            .clone()
+            .pragma("cache_size", "-65536")
+            .pragma("wal_autocheckpoint", "50000");
+        let mut conn = SqliteConnection::connect_with(&writer_options).await?;
         sqlx::migrate!("./migrations")
             .run(&mut conn)
             .await
@@ -122,11 +129,18 @@ impl Store {
         let read = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await?;
 
+        let checkpointer = SqliteConnection::connect_with(&options).await?;
         let (tx, rx) = mpsc::channel(4096);
-        let task = tokio::spawn(writer::run(conn, rx, feed, next_seq));
+        let task = tokio::spawn(async move {
+            let (stop, stopped) = tokio::sync::oneshot::channel();
+            let checkpoints = tokio::spawn(checkpoint(checkpointer, stopped));
+            writer::run(conn, rx, feed, next_seq).await;
+            let _ = stop.send(());
+            let _ = checkpoints.await;
+        });
         Ok((Store { read, writes: tx }, task))
     }
 
@@ -375,6 +389,32 @@ impl Store {
     pub async fn close_reads(&self) {
         self.read.close().await;
     }
+}
+
+/// Copies committed WAL pages back into the database file, beside the
+/// writer rather than inside its commits; truncates the WAL at the end.
+async fn checkpoint(mut conn: SqliteConnection, mut stop: tokio::sync::oneshot::Receiver<()>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(error = %e, "checkpoint");
+        }
+    }
+    if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+    {
+        tracing::warn!(error = %e, "final checkpoint");
+    }
+    let _ = conn.close().await;
 }
 
 /// The latest sequence given out: the log's last, or the compaction mark
