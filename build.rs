@@ -24,7 +24,21 @@ fn main() -> anyhow::Result<()> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("runledger_descriptor.bin"), fds.encode_to_vec())?;
 
-    tonic_prost_build::configure()
+    // The three stream responses are `{StatusEvent event = 1}`: one Rust
+    // type serves them, so that an event is encoded once for every
+    // subscriber (see src/stream/message.rs).
+    let mut config = tonic_prost_build::configure();
+    for response in [
+        "StreamExecutionStatusResponse",
+        "StreamTaskRunStatusResponse",
+        "SubscribeResponse",
+    ] {
+        config = config.extern_path(
+            format!(".runledger.v1.{response}"),
+            "crate::stream::EventMessage",
+        );
+    }
+    config
         .codec_path("crate::grpc::codec::ProtoCodec")
         .btree_map(".")
         .compile_fds(fds)

@@ -36,8 +36,6 @@ impl pb::event_service_server::EventService for EventApi {
         let after = requests::after_sequence(r.after_sequence, &mut v);
         v.finish(|| ()).map_err(crate::Error::from)?;
         let sub = self.streams.tenant(&caller, filter, after).await?;
-        Ok(Response::new(streams::serve(sub, |event| {
-            pb::SubscribeResponse { event: Some(event) }
-        })))
+        Ok(Response::new(streams::serve(sub)))
     }
 }

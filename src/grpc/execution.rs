@@ -197,8 +197,6 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
             .streams
             .execution(&caller, id, r.include_task_runs, after)
             .await?;
-        Ok(Response::new(streams::serve(sub, |event| {
-            pb::StreamExecutionStatusResponse { event: Some(event) }
-        })))
+        Ok(Response::new(streams::serve(sub)))
     }
 }

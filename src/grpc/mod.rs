@@ -21,6 +21,11 @@ pub use task_run::TaskRunApi;
 pub mod pb {
     tonic::include_proto!("runledger.v1");
 
+    /// `{StatusEvent event = 1}`: see `stream::EventMessage`.
+    pub type StreamExecutionStatusResponse = crate::stream::EventMessage;
+    pub type StreamTaskRunStatusResponse = crate::stream::EventMessage;
+    pub type SubscribeResponse = crate::stream::EventMessage;
+
     /// The encoded descriptors of the contract, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/runledger_descriptor.bin"));

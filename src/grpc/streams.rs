@@ -7,13 +7,13 @@ use futures::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use super::{convert, pb};
+use super::convert;
 use crate::{
     Error, Result,
     domain::{Caller, ExecutionId, Resource, TaskRunId},
     orchestration::Ledger,
     store::LogScope,
-    stream::{Ending, EventFilter, Feed, Subscription},
+    stream::{Ending, EventFilter, EventMessage, Feed, Subscription},
 };
 
 pub(crate) type EventStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>;
@@ -178,12 +178,9 @@ impl Streams {
 }
 
 /// Serves a subscription as a response stream.
-pub(crate) fn serve<R: Send + 'static>(
-    sub: Subscription,
-    wrap: fn(pb::StatusEvent) -> R,
-) -> EventStream<R> {
-    Box::pin(futures::stream::unfold(sub, move |mut sub| async move {
+pub(crate) fn serve(sub: Subscription) -> EventStream<EventMessage> {
+    Box::pin(futures::stream::unfold(sub, |mut sub| async move {
         let item = sub.next().await?;
-        Some((item.map(wrap).map_err(Status::from), sub))
+        Some((item.map_err(Status::from), sub))
     }))
 }

@@ -163,9 +163,7 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
             .finish(|| id.expect("checked"))
             .map_err(crate::Error::from)?;
         let sub = self.streams.task_run(&caller, id, after).await?;
-        Ok(Response::new(streams::serve(sub, |event| {
-            pb::StreamTaskRunStatusResponse { event: Some(event) }
-        })))
+        Ok(Response::new(streams::serve(sub)))
     }
 
     #[instrument(skip_all)]

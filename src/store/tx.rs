@@ -42,7 +42,7 @@ struct PendingRun {
 struct PendingEvent {
     logged: Arc<LoggedEvent>,
     occurred_at: i64,
-    payload: Vec<u8>,
+    payload: bytes::Bytes,
 }
 
 /// The view an operation has of the open write transaction. Reads see the
@@ -465,7 +465,7 @@ impl<'c> WriteTx<'c> {
         self.next_seq += 1;
         let logged = Arc::new(LoggedEvent::new(seq, event));
         self.events.push(PendingEvent {
-            payload: logged.encode(),
+            payload: logged.payload(),
             occurred_at: event.occurred_at.as_micros(),
             logged: Arc::clone(&logged),
         });
@@ -625,7 +625,7 @@ impl<'c> WriteTx<'c> {
                     .push_bind(l.task_run_id.clone())
                     .push_bind(l.task_id.clone())
                     .push_bind(e.occurred_at)
-                    .push_bind(e.payload.clone());
+                    .push_bind(e.payload.to_vec());
             });
             q.build().persistent(false).execute(&mut *self.conn).await?;
         }

@@ -1,7 +1,10 @@
 use std::sync::Arc;
 
+use bytes::Bytes;
 use prost::Message;
 use tokio::sync::broadcast;
+
+use super::message::{EventMessage, encode_event};
 
 use crate::{
     Error, Result,
@@ -20,22 +23,36 @@ pub struct LoggedEvent {
     /// The task_id of the execution the event belongs to.
     pub task_id: Option<String>,
     pub event: pb::StatusEvent,
+    /// The stream message carrying the event, encoded once for everyone.
+    wire: Bytes,
+    /// Where the event's own encoding starts in `wire`.
+    payload_start: usize,
 }
 
 impl LoggedEvent {
     pub fn new(seq: i64, event: &Event<'_>) -> Self {
+        let status_event = convert::status_event(seq, event);
+        let (wire, payload_start) = encode_event(&status_event);
         LoggedEvent {
             seq,
             tenant_id: event.resource.tenant_id().to_owned(),
             execution_id: event.resource.execution_id().to_string(),
             task_run_id: event.resource.task_run_id().map(|id| id.to_string()),
             task_id: event.task_id.map(str::to_owned),
-            event: convert::status_event(seq, event),
+            event: status_event,
+            wire,
+            payload_start,
         }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        self.event.encode_to_vec()
+    /// The encoded StatusEvent, as the log stores it.
+    pub fn payload(&self) -> Bytes {
+        self.wire.slice(self.payload_start..)
+    }
+
+    /// The stream message to send: shared bytes, no copy.
+    pub fn message(&self) -> EventMessage {
+        EventMessage::encoded(self.wire.clone())
     }
 
     pub fn decode(
@@ -48,6 +65,13 @@ impl LoggedEvent {
     ) -> Result<Self> {
         let event = pb::StatusEvent::decode(payload)
             .map_err(|e| Error::Internal(format!("decoding event {seq}: {e}")))?;
+        // The stored bytes are the event's encoding: wrap them, do not
+        // encode again.
+        let mut wire = Vec::with_capacity(payload.len() + 6);
+        prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut wire);
+        prost::encoding::encode_varint(payload.len() as u64, &mut wire);
+        let payload_start = wire.len();
+        wire.extend_from_slice(payload);
         Ok(LoggedEvent {
             seq,
             tenant_id,
@@ -55,6 +79,8 @@ impl LoggedEvent {
             task_run_id,
             task_id,
             event,
+            wire: Bytes::from(wire),
+            payload_start,
         })
     }
 

@@ -4,8 +4,10 @@
 
 mod feed;
 mod filter;
+mod message;
 mod subscription;
 
 pub use feed::{Feed, LoggedEvent};
 pub use filter::EventFilter;
+pub use message::EventMessage;
 pub use subscription::{Ending, Subscription};

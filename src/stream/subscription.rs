@@ -3,7 +3,7 @@ use std::{collections::VecDeque, sync::Arc};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 
-use super::{EventFilter, LoggedEvent};
+use super::{EventFilter, EventMessage, LoggedEvent};
 use crate::{
     Error, Result,
     grpc::pb,
@@ -50,7 +50,7 @@ pub struct Subscription {
     /// Every event up to here has been delivered or passed over.
     last: i64,
     /// Events ready to deliver: a snapshot, or a page of the log.
-    ready: VecDeque<pb::StatusEvent>,
+    ready: VecDeque<EventMessage>,
     read_log: bool,
     done: bool,
 }
@@ -85,13 +85,13 @@ impl Subscription {
 
     /// Delivers `events` first (a snapshot); with `then_end`, nothing after.
     pub fn prepend(mut self, events: Vec<pb::StatusEvent>, then_end: bool) -> Self {
-        self.ready.extend(events);
+        self.ready.extend(events.into_iter().map(EventMessage::new));
         self.done = then_end;
         self
     }
 
     /// The next event, an error that ends the stream, or None at its end.
-    pub async fn next(&mut self) -> Option<Result<pb::StatusEvent>> {
+    pub async fn next(&mut self) -> Option<Result<EventMessage>> {
         loop {
             if let Some(e) = self.ready.pop_front() {
                 return Some(Ok(e));
@@ -119,7 +119,7 @@ impl Subscription {
                     self.last = e.seq;
                     if self.filter.matches(&e) {
                         self.done = self.ending.reached_by(&e);
-                        return Some(Ok(e.event.clone()));
+                        return Some(Ok(e.message()));
                     }
                 }
                 // Fallen behind the feed: the log has everything.
@@ -149,7 +149,7 @@ impl Subscription {
             self.last = e.seq;
             if self.filter.matches(&e) {
                 let ends = self.ending.reached_by(&e);
-                self.ready.push_back(e.event);
+                self.ready.push_back(e.message());
                 if ends {
                     self.done = true;
                     self.read_log = false;
@@ -160,7 +160,7 @@ impl Subscription {
         Ok(())
     }
 
-    fn fail(&mut self, e: Error) -> Option<Result<pb::StatusEvent>> {
+    fn fail(&mut self, e: Error) -> Option<Result<EventMessage>> {
         self.done = true;
         self.ready.clear();
         Some(Err(e))
