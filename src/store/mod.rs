@@ -2,7 +2,10 @@
 //! every write goes through the single writer (see `writer`).
 
 mod page;
+#[cfg(test)]
+mod plans;
 mod rows;
+pub(crate) mod sql;
 mod tx;
 mod writer;
 
@@ -165,23 +168,21 @@ impl Store {
         tenant: &str,
         id: ExecutionId,
     ) -> Result<Option<(Execution, i64)>> {
-        let row: Option<(String, i64)> =
-            sqlx::query_as("SELECT doc, last_seq FROM executions WHERE tenant_id = ? AND id = ?")
-                .bind(tenant)
-                .bind(id.to_string())
-                .fetch_optional(&self.read)
-                .await?;
+        let row: Option<(String, i64)> = sqlx::query_as(sql::EXECUTION_BY_ID)
+            .bind(tenant)
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await?;
         row.map(|(doc, seq)| Ok((rows::decode_doc(&doc)?, seq)))
             .transpose()
     }
 
     pub async fn task_run(&self, tenant: &str, id: TaskRunId) -> Result<Option<(TaskRun, i64)>> {
-        let row: Option<(String, i64)> =
-            sqlx::query_as("SELECT doc, last_seq FROM task_runs WHERE tenant_id = ? AND id = ?")
-                .bind(tenant)
-                .bind(id.to_string())
-                .fetch_optional(&self.read)
-                .await?;
+        let row: Option<(String, i64)> = sqlx::query_as(sql::TASK_RUN_BY_ID)
+            .bind(tenant)
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await?;
         row.map(|(doc, seq)| Ok((rows::decode_doc(&doc)?, seq)))
             .transpose()
     }
@@ -193,28 +194,7 @@ impl Store {
         filter: &ExecutionFilter,
         page: &Page,
     ) -> Result<(Vec<Execution>, Option<Cursor>)> {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT doc, created_at, id FROM executions WHERE tenant_id = ",
-        );
-        q.push_bind(tenant);
-        if let Some(task_id) = &filter.task_id {
-            q.push(" AND task_id = ").push_bind(task_id.clone());
-        }
-        push_state_types(&mut q, &filter.state_types);
-        for (k, v) in &filter.metadata {
-            q.push(" AND EXISTS (SELECT 1 FROM json_each(doc, '$.metadata') WHERE key = ")
-                .push_bind(k.clone())
-                .push(" AND value = ")
-                .push_bind(v.clone())
-                .push(")");
-        }
-        push_common(
-            &mut q,
-            filter.created_after,
-            filter.created_before,
-            filter.show_deleted,
-            page,
-        );
+        let mut q = list_executions_query(tenant, filter, page);
         let rows: Vec<(String, i64, String)> = q.build_query_as().fetch_all(&self.read).await?;
         page.split(rows)
     }
@@ -226,47 +206,18 @@ impl Store {
         filter: &TaskRunFilter,
         page: &Page,
     ) -> Result<(Vec<TaskRun>, Option<Cursor>)> {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT doc, created_at, id FROM task_runs WHERE tenant_id = ",
-        );
-        q.push_bind(tenant);
-        if let Some(id) = filter.execution_id {
-            q.push(" AND execution_id = ").push_bind(id.to_string());
-        }
-        if let Some(key) = &filter.task_key {
-            q.push(" AND task_key = ").push_bind(key.clone());
-        }
-        if let Some(stale) = filter.stale {
-            q.push(" AND stale = ").push_bind(stale);
-        }
-        push_state_types(&mut q, &filter.state_types);
-        for (k, v) in &filter.labels {
-            q.push(" AND EXISTS (SELECT 1 FROM json_each(doc, '$.labels') WHERE key = ")
-                .push_bind(k.clone())
-                .push(" AND value = ")
-                .push_bind(v.clone())
-                .push(")");
-        }
-        push_common(
-            &mut q,
-            filter.created_after,
-            filter.created_before,
-            filter.show_deleted,
-            page,
-        );
+        let mut q = list_task_runs_query(tenant, filter, page);
         let rows: Vec<(String, i64, String)> = q.build_query_as().fetch_all(&self.read).await?;
         page.split(rows)
     }
 
     /// A run's state history, oldest first.
     pub async fn states(&self, tenant: &str, run_id: &str) -> Result<Vec<State>> {
-        let docs: Vec<String> = sqlx::query_scalar(
-            "SELECT doc FROM states WHERE tenant_id = ? AND run_id = ? ORDER BY rowid",
-        )
-        .bind(tenant)
-        .bind(run_id)
-        .fetch_all(&self.read)
-        .await?;
+        let docs: Vec<String> = sqlx::query_scalar(sql::STATES_OF_RUN)
+            .bind(tenant)
+            .bind(run_id)
+            .fetch_all(&self.read)
+            .await?;
         docs.iter().map(|d| rows::decode_doc(d)).collect()
     }
 
@@ -278,24 +229,9 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<LoggedEvent>> {
         let (sql, tenant, id) = match scope {
-            LogScope::Tenant(t) => (
-                "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload FROM events \
-                 WHERE tenant_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                t,
-                None,
-            ),
-            LogScope::Execution(t, id) => (
-                "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload FROM events \
-                 WHERE tenant_id = ? AND execution_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                t,
-                Some(id.to_string()),
-            ),
-            LogScope::TaskRun(t, id) => (
-                "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload FROM events \
-                 WHERE tenant_id = ? AND task_run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                t,
-                Some(id.to_string()),
-            ),
+            LogScope::Tenant(t) => (sql::EVENTS_OF_TENANT, t, None),
+            LogScope::Execution(t, id) => (sql::EVENTS_OF_EXECUTION, t, Some(id.to_string())),
+            LogScope::TaskRun(t, id) => (sql::EVENTS_OF_TASK_RUN, t, Some(id.to_string())),
         };
         let mut q = sqlx::query_as::<_, EventRow>(sql).bind(tenant);
         if let Some(id) = id {
@@ -329,23 +265,20 @@ impl Store {
     ) -> Result<Snapshot> {
         let mut tx = self.read.begin().await?;
         let head: i64 = sqlx::query_scalar(HEAD_SQL).fetch_one(&mut *tx).await?;
-        let row: Option<(String, i64)> =
-            sqlx::query_as("SELECT doc, last_seq FROM executions WHERE tenant_id = ? AND id = ?")
-                .bind(tenant)
-                .bind(id.to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
+        let row: Option<(String, i64)> = sqlx::query_as(sql::EXECUTION_BY_ID)
+            .bind(tenant)
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
         let execution = row
             .map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s)))
             .transpose()?;
         let mut task_runs = Vec::new();
         if include_task_runs && execution.is_some() {
-            let rows: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT doc, last_seq FROM task_runs WHERE execution_id = ? ORDER BY created_at, id",
-            )
-            .bind(id.to_string())
-            .fetch_all(&mut *tx)
-            .await?;
+            let rows: Vec<(String, i64)> = sqlx::query_as(sql::TASK_RUNS_OF_EXECUTION)
+                .bind(id.to_string())
+                .fetch_all(&mut *tx)
+                .await?;
             for (d, s) in rows {
                 task_runs.push((rows::decode_doc(&d)?, s));
             }
@@ -366,12 +299,11 @@ impl Store {
     ) -> Result<(Option<(TaskRun, i64)>, i64)> {
         let mut tx = self.read.begin().await?;
         let head: i64 = sqlx::query_scalar(HEAD_SQL).fetch_one(&mut *tx).await?;
-        let row: Option<(String, i64)> =
-            sqlx::query_as("SELECT doc, last_seq FROM task_runs WHERE tenant_id = ? AND id = ?")
-                .bind(tenant)
-                .bind(id.to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
+        let row: Option<(String, i64)> = sqlx::query_as(sql::TASK_RUN_BY_ID)
+            .bind(tenant)
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
         tx.commit().await?;
         let run = row
             .map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s)))
@@ -443,6 +375,73 @@ impl EventRow {
             &self.payload,
         )
     }
+}
+
+/// The list query for executions; also checked by the plan test.
+pub(crate) fn list_executions_query<'a>(
+    tenant: &'a str,
+    filter: &'a ExecutionFilter,
+    page: &'a Page,
+) -> QueryBuilder<Sqlite> {
+    let mut q = QueryBuilder::<Sqlite>::new(
+        "SELECT doc, created_at, id FROM executions WHERE tenant_id = ",
+    );
+    q.push_bind(tenant.to_owned());
+    if let Some(task_id) = &filter.task_id {
+        q.push(" AND task_id = ").push_bind(task_id.clone());
+    }
+    push_state_types(&mut q, &filter.state_types);
+    for (k, v) in &filter.metadata {
+        q.push(" AND EXISTS (SELECT 1 FROM json_each(doc, '$.metadata') WHERE key = ")
+            .push_bind(k.clone())
+            .push(" AND value = ")
+            .push_bind(v.clone())
+            .push(")");
+    }
+    push_common(
+        &mut q,
+        filter.created_after,
+        filter.created_before,
+        filter.show_deleted,
+        page,
+    );
+    q
+}
+
+/// The list query for task runs; also checked by the plan test.
+pub(crate) fn list_task_runs_query<'a>(
+    tenant: &'a str,
+    filter: &'a TaskRunFilter,
+    page: &'a Page,
+) -> QueryBuilder<Sqlite> {
+    let mut q =
+        QueryBuilder::<Sqlite>::new("SELECT doc, created_at, id FROM task_runs WHERE tenant_id = ");
+    q.push_bind(tenant.to_owned());
+    if let Some(id) = filter.execution_id {
+        q.push(" AND execution_id = ").push_bind(id.to_string());
+    }
+    if let Some(key) = &filter.task_key {
+        q.push(" AND task_key = ").push_bind(key.clone());
+    }
+    if let Some(stale) = filter.stale {
+        q.push(" AND stale = ").push_bind(stale);
+    }
+    push_state_types(&mut q, &filter.state_types);
+    for (k, v) in &filter.labels {
+        q.push(" AND EXISTS (SELECT 1 FROM json_each(doc, '$.labels') WHERE key = ")
+            .push_bind(k.clone())
+            .push(" AND value = ")
+            .push_bind(v.clone())
+            .push(")");
+    }
+    push_common(
+        &mut q,
+        filter.created_after,
+        filter.created_before,
+        filter.show_deleted,
+        page,
+    );
+    q
 }
 
 fn push_state_types(q: &mut QueryBuilder<Sqlite>, types: &[StateType]) {

@@ -10,7 +10,7 @@ use std::{collections::HashMap, sync::Arc};
 use lru::LruCache;
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
-use super::rows;
+use super::{rows, sql};
 use crate::{
     Result,
     domain::{Event, Execution, ExecutionId, State, TaskRun, TaskRunId, Timestamp},
@@ -172,13 +172,12 @@ impl<'c> WriteTx<'c> {
         if !self.careful {
             return Ok(None);
         }
-        let row: Option<(String, String, Option<String>)> = sqlx::query_as(
-            "SELECT id, doc, request_hash FROM executions WHERE tenant_id = ? AND request_id = ?",
-        )
-        .bind(tenant)
-        .bind(request_id)
-        .fetch_optional(&mut *self.conn)
-        .await?;
+        let row: Option<(String, String, Option<String>)> =
+            sqlx::query_as(sql::EXECUTION_BY_REQUEST_ID)
+                .bind(tenant)
+                .bind(request_id)
+                .fetch_optional(&mut *self.conn)
+                .await?;
         let Some((id, doc, hash)) = row else {
             return Ok(None);
         };
@@ -285,14 +284,12 @@ impl<'c> WriteTx<'c> {
         if in_batch.is_some() || !ask_database {
             return Ok(in_batch);
         }
-        let row: Option<(String, String)> = sqlx::query_as(
-            "SELECT id, doc FROM task_runs WHERE execution_id = ? AND task_key = ? AND dynamic_key = ?",
-        )
-        .bind(execution_id.to_string())
-        .bind(task_key)
-        .bind(dynamic_key)
-        .fetch_optional(&mut *self.conn)
-        .await?;
+        let row: Option<(String, String)> = sqlx::query_as(sql::TASK_RUN_BY_KEY)
+            .bind(execution_id.to_string())
+            .bind(task_key)
+            .bind(dynamic_key)
+            .fetch_optional(&mut *self.conn)
+            .await?;
         let Some((id, doc)) = row else {
             return Ok(None);
         };
@@ -337,14 +334,11 @@ impl<'c> WriteTx<'c> {
         task_key: &str,
     ) -> Result<Vec<TaskRun>> {
         self.flush().await?;
-        let docs: Vec<String> = sqlx::query_scalar(
-            "SELECT doc FROM task_runs WHERE execution_id = ? AND task_key = ? \
-             ORDER BY created_at DESC, id DESC",
-        )
-        .bind(execution_id.to_string())
-        .bind(task_key)
-        .fetch_all(&mut *self.conn)
-        .await?;
+        let docs: Vec<String> = sqlx::query_scalar(sql::TASK_RUNS_BY_KEY)
+            .bind(execution_id.to_string())
+            .bind(task_key)
+            .fetch_all(&mut *self.conn)
+            .await?;
         docs.iter().map(|d| rows::decode_doc(d)).collect()
     }
 
@@ -354,13 +348,11 @@ impl<'c> WriteTx<'c> {
         tenant: &str,
         key: &str,
     ) -> Result<Option<(Option<serde_json::Value>, Option<Timestamp>)>> {
-        let row: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
-            "SELECT output, expiration FROM cache_entries WHERE tenant_id = ? AND cache_key = ?",
-        )
-        .bind(tenant)
-        .bind(key)
-        .fetch_optional(&mut *self.conn)
-        .await?;
+        let row: Option<(Option<String>, Option<i64>)> = sqlx::query_as(sql::CACHE_ENTRY)
+            .bind(tenant)
+            .bind(key)
+            .fetch_optional(&mut *self.conn)
+            .await?;
         row.map(|(output, exp)| {
             let output = output.map(|o| rows::decode_doc(&o)).transpose()?;
             Ok((output, exp.map(Timestamp::from_micros)))
@@ -402,19 +394,16 @@ impl<'c> WriteTx<'c> {
         limit: i64,
     ) -> Result<(Vec<(String, String)>, Vec<(String, String)>)> {
         self.flush().await?;
-        let executions = sqlx::query_as(
-            "SELECT tenant_id, id FROM executions WHERE pause_deadline <= ? LIMIT ?",
-        )
-        .bind(now.as_micros())
-        .bind(limit)
-        .fetch_all(&mut *self.conn)
-        .await?;
-        let task_runs =
-            sqlx::query_as("SELECT tenant_id, id FROM task_runs WHERE pause_deadline <= ? LIMIT ?")
-                .bind(now.as_micros())
-                .bind(limit)
-                .fetch_all(&mut *self.conn)
-                .await?;
+        let executions = sqlx::query_as(sql::EXPIRED_PAUSED_EXECUTIONS)
+            .bind(now.as_micros())
+            .bind(limit)
+            .fetch_all(&mut *self.conn)
+            .await?;
+        let task_runs = sqlx::query_as(sql::EXPIRED_PAUSED_TASK_RUNS)
+            .bind(now.as_micros())
+            .bind(limit)
+            .fetch_all(&mut *self.conn)
+            .await?;
         Ok((executions, task_runs))
     }
 
@@ -477,12 +466,28 @@ impl<'c> WriteTx<'c> {
     /// compaction mark. Returns how many were removed.
     pub(crate) async fn prune_events(&mut self, cutoff: Timestamp) -> Result<u64> {
         self.flush().await?;
-        let max: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(seq) FROM events WHERE occurred_at < ?")
-                .bind(cutoff.as_micros())
+        // Sequence order is time order: the old events are a prefix of the
+        // log, ending just before the first event that is not old; finding
+        // it walks only the events about to go.
+        let first_kept: Option<i64> = sqlx::query_scalar(sql::FIRST_EVENT_KEPT)
+            .bind(cutoff.as_micros())
+            .fetch_optional(&mut *self.conn)
+            .await?;
+        let max: Option<i64> = match first_kept {
+            Some(seq) => Some(seq - 1),
+            None => {
+                sqlx::query_scalar("SELECT MAX(seq) FROM events")
+                    .fetch_one(&mut *self.conn)
+                    .await?
+            }
+        };
+        let compacted: i64 =
+            sqlx::query_scalar("SELECT value FROM counters WHERE name = 'compacted_seq'")
                 .fetch_one(&mut *self.conn)
                 .await?;
-        let Some(max) = max else { return Ok(0) };
+        let Some(max) = max.filter(|m| *m > compacted) else {
+            return Ok(0);
+        };
         self.writes_in_op += 1;
         let removed = sqlx::query("DELETE FROM events WHERE seq <= ?")
             .bind(max)
