@@ -6,6 +6,7 @@
 mod helpers;
 
 mod executions;
+mod ledger;
 mod orchestration;
 mod streams;
 mod task_runs;
