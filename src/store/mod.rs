@@ -238,7 +238,7 @@ impl Store {
             q = q.bind(id);
         }
         let rows = q.bind(after).bind(limit).fetch_all(&self.read).await?;
-        rows.into_iter().map(EventRow::into_logged).collect()
+        Ok(rows.into_iter().map(EventRow::into_logged).collect())
     }
 
     /// The latest sequence the log has given out.
@@ -365,8 +365,8 @@ struct EventRow {
 }
 
 impl EventRow {
-    fn into_logged(self) -> Result<LoggedEvent> {
-        LoggedEvent::decode(
+    fn into_logged(self) -> LoggedEvent {
+        LoggedEvent::from_log(
             self.seq,
             self.tenant_id,
             self.execution_id,

@@ -1,4 +1,4 @@
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use prost::Message;
@@ -7,7 +7,6 @@ use tokio::sync::broadcast;
 use super::message::{EventMessage, encode_event};
 
 use crate::{
-    Error, Result,
     domain::Event,
     grpc::{convert, pb},
 };
@@ -22,7 +21,10 @@ pub struct LoggedEvent {
     pub task_run_id: Option<String>,
     /// The task_id of the execution the event belongs to.
     pub task_id: Option<String>,
-    pub event: pb::StatusEvent,
+    /// The event decoded, when something needed it: live events are built
+    /// that way; events read back from the log are decoded only if a
+    /// filter or an ending looks inside them.
+    event: OnceLock<pb::StatusEvent>,
     /// The stream message carrying the event, encoded once for everyone.
     wire: Bytes,
     /// Where the event's own encoding starts in `wire`.
@@ -39,7 +41,7 @@ impl LoggedEvent {
             execution_id: event.resource.execution_id().to_string(),
             task_run_id: event.resource.task_run_id().map(|id| id.to_string()),
             task_id: event.task_id.map(str::to_owned),
-            event: status_event,
+            event: OnceLock::from(status_event),
             wire,
             payload_start,
         }
@@ -55,38 +57,49 @@ impl LoggedEvent {
         EventMessage::encoded(self.wire.clone())
     }
 
-    pub fn decode(
+    /// An event read back from the log.
+    pub fn from_log(
         seq: i64,
         tenant_id: String,
         execution_id: String,
         task_run_id: Option<String>,
         task_id: Option<String>,
         payload: &[u8],
-    ) -> Result<Self> {
-        let event = pb::StatusEvent::decode(payload)
-            .map_err(|e| Error::Internal(format!("decoding event {seq}: {e}")))?;
+    ) -> Self {
         // The stored bytes are the event's encoding: wrap them, do not
-        // encode again.
+        // encode again, and decode them only on demand.
         let mut wire = Vec::with_capacity(payload.len() + 6);
         prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut wire);
         prost::encoding::encode_varint(payload.len() as u64, &mut wire);
         let payload_start = wire.len();
         wire.extend_from_slice(payload);
-        Ok(LoggedEvent {
+        LoggedEvent {
             seq,
             tenant_id,
             execution_id,
             task_run_id,
             task_id,
-            event,
+            event: OnceLock::new(),
             wire: Bytes::from(wire),
             payload_start,
+        }
+    }
+
+    /// The event. The log's bytes were written by this server from a
+    /// valid event; should they not decode, the event reads as empty and
+    /// matches no filter that looks inside it.
+    pub fn event(&self) -> &pb::StatusEvent {
+        self.event.get_or_init(|| {
+            pb::StatusEvent::decode(self.payload()).unwrap_or_else(|e| {
+                tracing::error!(seq = self.seq, error = %e, "undecodable event in the log");
+                pb::StatusEvent::default()
+            })
         })
     }
 
     /// The state type of the run after this event.
     pub fn state_type(&self) -> i32 {
-        let state = match &self.event.resource {
+        let state = match &self.event().resource {
             Some(pb::status_event::Resource::Execution(e)) => e.state.as_ref(),
             Some(pb::status_event::Resource::TaskRun(t)) => t.state.as_ref(),
             None => None,

@@ -35,10 +35,13 @@ impl EventFilter {
         if !self.state_types.is_empty() && !self.state_types.contains(&e.state_type()) {
             return false;
         }
-        if !self.kinds.is_empty() && !self.kinds.contains(&e.event.kind) {
+        if !self.kinds.is_empty() && !self.kinds.contains(&e.event().kind) {
             return false;
         }
-        match &e.event.resource {
+        if self.metadata.is_empty() && self.labels.is_empty() {
+            return true;
+        }
+        match &e.event().resource {
             Some(Resource::Execution(x)) => all_pairs_in(&self.metadata, &x.metadata),
             Some(Resource::TaskRun(t)) => all_pairs_in(&self.labels, &t.labels),
             None => false,

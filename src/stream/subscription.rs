@@ -25,12 +25,12 @@ pub enum Ending {
 
 impl Ending {
     fn reached_by(&self, e: &LoggedEvent) -> bool {
-        let terminal = crate::grpc::convert::is_terminal(e.state_type());
-        match self {
+        let about_target = match self {
             Ending::Never => false,
-            Ending::Execution(id) => terminal && e.task_run_id.is_none() && &e.execution_id == id,
-            Ending::TaskRun(id) => terminal && e.task_run_id.as_deref() == Some(id),
-        }
+            Ending::Execution(id) => e.task_run_id.is_none() && &e.execution_id == id,
+            Ending::TaskRun(id) => e.task_run_id.as_deref() == Some(id),
+        };
+        about_target && crate::grpc::convert::is_terminal(e.state_type())
     }
 }
 
