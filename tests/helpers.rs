@@ -125,6 +125,26 @@ impl Process {
         self.child.kill().expect("kill -9");
         self.child.wait().unwrap();
     }
+
+    /// Sends SIGTERM and waits for the exit, for at most `limit`.
+    pub fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 // ---- request builders ------------------------------------------------------

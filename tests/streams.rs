@@ -585,3 +585,43 @@ async fn shutdown_ends_open_streams_with_unavailable_and_exits_promptly() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn sigterm_ends_streams_and_the_process_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Process::start(&db_path(dir.path()));
+    let channel = connect(server.addr).await;
+    let mut execs = ExecutionServiceClient::new(channel.clone());
+    let exec = execs
+        .create_execution(goal("long"))
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+    let mut stream = execs
+        .stream_execution_status(pb::StreamExecutionStatusRequest {
+            id: exec.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    take(&mut stream, 1, ev_exec).await;
+    let mut sub = EventServiceClient::new(channel)
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let status = tokio::task::spawn_blocking(move || server.terminate(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    for end in [
+        stream.message().await.map(drop),
+        sub.message().await.map(drop),
+    ] {
+        assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+    }
+}
