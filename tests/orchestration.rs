@@ -906,3 +906,109 @@ async fn replays_mixed_into_busy_batches_return_the_original_runs() {
         .task_runs;
     assert_eq!(runs.len(), 31, "the original and 30 new ones");
 }
+
+/// Tenants meet only through API keys; until a server has keys, this test
+/// drives the ledger itself with two callers against a real store.
+#[tokio::test]
+async fn cached_results_belong_to_their_tenant() {
+    use runledger::{
+        domain::{Caller, NewExecution, NewTaskRun, StateProposal, StateType},
+        orchestration::{
+            Ledger,
+            rules::{Payload, Proposal, Status},
+        },
+        store::{Durability, Store},
+        stream::Feed,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", db_path(dir.path()).display());
+    let (store, _writer) = Store::open(&url, Durability::Process, Feed::new(64))
+        .await
+        .unwrap();
+    let ledger = Ledger::new(store);
+    let propose = |t: StateType, output: Option<serde_json::Value>| Proposal {
+        state: StateProposal::of_type(t),
+        force: false,
+        expected_state_id: None,
+        payload: Payload {
+            output,
+            error: None,
+        },
+    };
+    let run_in = |tenant: &'static str| {
+        let ledger = ledger.clone();
+        async move {
+            let caller = Caller {
+                tenant_id: tenant.into(),
+                name: format!("{tenant}-key"),
+            };
+            let new = NewExecution {
+                task_id: None,
+                name: String::new(),
+                input: Default::default(),
+                goal: None,
+                max_depth: 3,
+                config_profile: runledger::domain::ConfigProfile::General,
+                config_overrides: Default::default(),
+                metadata: Default::default(),
+                request_id: None,
+                initial_state: None,
+            };
+            let (exec, _) = ledger.create_execution(&caller, new).await.unwrap();
+            ledger
+                .set_execution_state(&caller, exec.id, propose(StateType::Running, None))
+                .await
+                .unwrap();
+            let new_run = NewTaskRun {
+                execution_id: exec.id,
+                task_key: format!("k-{}", uuid::Uuid::now_v7()),
+                dynamic_key: None,
+                name: String::new(),
+                parent_task_run_id: None,
+                task_version: None,
+                cache_key: Some("shared-key".into()),
+                cache_expiration: None,
+                retry_policy: Default::default(),
+                tags: vec![],
+                labels: Default::default(),
+                input: serde_json::json!({}),
+                initial_state: None,
+            };
+            let (run, _) = ledger.create_task_run(&caller, new_run).await.unwrap();
+            let outcome = ledger
+                .set_task_run_state(&caller, run.id, propose(StateType::Running, None))
+                .await
+                .unwrap();
+            (ledger, caller, run, outcome)
+        }
+    };
+
+    let (ledger, a, run, first) = run_in("tenant-a").await;
+    assert_eq!(first.status, Status::Accept);
+    ledger
+        .set_task_run_state(
+            &a,
+            run.id,
+            propose(StateType::Completed, Some(serde_json::json!("a's result"))),
+        )
+        .await
+        .unwrap();
+    // The same key in tenant A is a cache hit...
+    let (_, _, _, again) = run_in("tenant-a").await;
+    assert_eq!(
+        (again.status, again.state.name.as_str()),
+        (Status::Reject, "Cached")
+    );
+    assert_eq!(again.run.run.output, Some(serde_json::json!("a's result")));
+    // ...and in tenant B it is not: B runs its own task.
+    let (_, b, _, other) = run_in("tenant-b").await;
+    assert_eq!(
+        (other.status, other.state.state_type),
+        (Status::Accept, StateType::Running)
+    );
+    // B cannot see A's runs at all.
+    assert!(matches!(
+        ledger.task_run(&b, run.id).await,
+        Err(runledger::Error::NotFound(_))
+    ));
+}
