@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use tokio::net::TcpListener;
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tokio_util::sync::CancellationToken;
-use tonic::{service::InterceptorLayer, transport::Server};
+use tonic::{service::interceptor::InterceptedService, transport::Server};
 use tracing::{info, warn};
 
 use crate::{
@@ -31,6 +31,11 @@ pub enum StartError {
     },
     #[error("cannot open the database: {0}")]
     Store(Error),
+    #[error(
+        "the database has no API keys and {0} is not a loopback address: create a key with \
+         `runledger keys create`, or pass --allow-unauthenticated to serve without keys"
+    )]
+    Unauthenticated(SocketAddr),
     #[error("building reflection: {0}")]
     Reflection(String),
     #[error("serving: {0}")]
@@ -45,6 +50,7 @@ pub struct App {
     store: Store,
     writer: WriterTask,
     feed: Feed,
+    auth: grpc::auth::Authenticator,
     shutdown: CancellationToken,
     config: Config,
 }
@@ -56,6 +62,18 @@ impl App {
         let (store, writer) = Store::open(&config.database_url(), config.durability, feed.clone())
             .await
             .map_err(StartError::Store)?;
+        let keys = store.load_keys().await.map_err(StartError::Store)?;
+        let loopback = config.listen.ip().is_loopback();
+        if !keys.any && !loopback && !config.allow_unauthenticated {
+            return Err(StartError::Unauthenticated(config.listen));
+        }
+        let auth = grpc::auth::Authenticator::new(keys, loopback || config.allow_unauthenticated);
+        if auth.is_open() {
+            warn!(
+                tenant = grpc::auth::OPEN_TENANT,
+                "no API keys: serving without authentication until a key is created"
+            );
+        }
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -73,6 +91,7 @@ impl App {
             store,
             writer,
             feed,
+            auth,
             shutdown: CancellationToken::new(),
             config,
         })
@@ -97,6 +116,7 @@ impl App {
             store,
             writer,
             feed,
+            auth,
             shutdown,
             config,
         } = self;
@@ -131,6 +151,7 @@ impl App {
             feed,
             shutdown: shutdown.clone(),
         };
+        let keys = tokio::spawn(refresh_keys(store.clone(), auth.clone(), shutdown.clone()));
         let pruner = tokio::spawn(prune_events(
             store.clone(),
             config.event_retention,
@@ -145,26 +166,28 @@ impl App {
             })
         });
         let server = Server::builder()
-            .layer(InterceptorLayer::new(grpc::auth::open_access))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(
+            .add_service(InterceptedService::new(
                 pb::execution_service_server::ExecutionServiceServer::new(ExecutionApi::new(
                     streams.clone(),
                 ))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
-            )
-            .add_service(
+                auth.clone(),
+            ))
+            .add_service(InterceptedService::new(
                 pb::task_run_service_server::TaskRunServiceServer::new(TaskRunApi::new(
                     streams.clone(),
                 ))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
-            )
-            .add_service(
+                auth.clone(),
+            ))
+            .add_service(InterceptedService::new(
                 pb::event_service_server::EventServiceServer::new(EventApi::new(streams))
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
-            )
+                auth,
+            ))
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
 
         info!(%addr, database = %config.database_url(), "runledger listening");
@@ -178,6 +201,7 @@ impl App {
         };
         shutdown.cancel();
         let _ = pruner.await;
+        let _ = keys.await;
         let _ = sweeper.await;
         // The writer commits what it was given and stops once the last
         // handle to the store is gone.
@@ -186,6 +210,35 @@ impl App {
         let _ = writer.await;
         info!("runledger stopped");
         served.map_err(StartError::from)
+    }
+}
+
+/// Reloads the keys in force every second, so that new and revoked keys
+/// take effect on a running server, and records when keys were used.
+async fn refresh_keys(store: Store, auth: grpc::auth::Authenticator, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        match store.load_keys().await {
+            Ok(keys) => {
+                let was_open = auth.is_open();
+                auth.replace(keys);
+                if was_open && !auth.is_open() {
+                    info!("API keys exist now: calls without a key are refused");
+                }
+            }
+            Err(e) => warn!(error = %e, "reloading API keys"),
+        }
+        let used = auth.take_used();
+        if !used.is_empty()
+            && let Err(e) = store.touch_keys(used).await
+        {
+            warn!(error = %e, "recording API key use");
+        }
     }
 }
 

@@ -21,6 +21,56 @@ pub enum Command {
     Serve(Config),
     /// Measure throughput, latency, fan-out and memory of a server.
     Bench(crate::bench::BenchArgs),
+    /// Create, list and revoke API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; its secret is printed once, alone on the last line.
+    Create {
+        #[arg(
+            long,
+            env = "RUNLEDGER_DATABASE",
+            default_value = "sqlite://runledger.db"
+        )]
+        database: String,
+        /// The tenant the key acts for.
+        #[arg(long)]
+        tenant: String,
+        /// The key's name, recorded as `updated_by` on what it changes.
+        #[arg(long)]
+        name: String,
+        /// Requests per second the key may make.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Requests per UTC day the key may make.
+        #[arg(long)]
+        daily_quota: Option<i64>,
+    },
+    /// List keys (never their secrets).
+    List {
+        #[arg(
+            long,
+            env = "RUNLEDGER_DATABASE",
+            default_value = "sqlite://runledger.db"
+        )]
+        database: String,
+    },
+    /// Revoke a key by name or id; a running server stops accepting it
+    /// within about a second.
+    Revoke {
+        #[arg(
+            long,
+            env = "RUNLEDGER_DATABASE",
+            default_value = "sqlite://runledger.db"
+        )]
+        database: String,
+        name_or_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -77,6 +127,11 @@ pub struct Config {
     #[arg(long, env = "RUNLEDGER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "5s")]
     pub shutdown_grace: Duration,
 
+    /// Serve without API keys on a non-loopback address. Without this, a
+    /// server whose database has no keys only runs open on loopback.
+    #[arg(long, env = "RUNLEDGER_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+
     /// Log format.
     #[arg(long, env = "RUNLEDGER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -103,11 +158,16 @@ impl Config {
 
     /// The database URL, accepting a plain path too.
     pub fn database_url(&self) -> String {
-        if self.database.starts_with("sqlite:") {
-            self.database.clone()
-        } else {
-            format!("sqlite://{}", self.database)
-        }
+        database_url(&self.database)
+    }
+}
+
+/// A database URL from a URL or a plain path.
+pub fn database_url(database: &str) -> String {
+    if database.starts_with("sqlite:") {
+        database.to_owned()
+    } else {
+        format!("sqlite://{database}")
     }
 }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod domain;
 mod error;
 pub mod grpc;
+pub mod keys;
 pub mod orchestration;
 pub mod store;
 pub mod stream;

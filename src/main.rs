@@ -1,7 +1,8 @@
 use clap::Parser;
 use runledger::{
     App,
-    config::{Cli, Command},
+    config::{Cli, Command, KeysCommand, database_url},
+    keys,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -14,6 +15,7 @@ async fn main() -> anyhow::Result<()> {
             runledger::bench::run(args).await?;
             return Ok(());
         }
+        Some(Command::Keys { command }) => return run_keys(command).await,
         None => runledger::config::Config::new_from_env()?,
     };
     runledger::telemetry::init(config.log_format);
@@ -30,5 +32,71 @@ async fn main() -> anyhow::Result<()> {
         token.cancel();
     });
     app.run_until_stopped().await?;
+    Ok(())
+}
+
+async fn run_keys(command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create {
+            database,
+            tenant,
+            name,
+            rate,
+            daily_quota,
+        } => {
+            let mut conn = keys::connect(&database_url(&database)).await?;
+            let new = keys::NewKey {
+                tenant,
+                name,
+                rate,
+                daily_quota,
+            };
+            let (key, secret) = keys::create(&mut conn, new).await?;
+            println!(
+                "created key {:?} for tenant {:?} (id {})",
+                key.name, key.tenant_id, key.id
+            );
+            println!("the secret is shown only now; keep it safe:");
+            println!("{secret}");
+        }
+        KeysCommand::List { database } => {
+            let mut conn = keys::connect(&database_url(&database)).await?;
+            println!(
+                "{:<38} {:<16} {:<16} {:>8} {:>11} {:<20} {:<20} {:<20}",
+                "id", "tenant", "name", "rate/s", "daily quota", "created", "last used", "revoked"
+            );
+            for k in keys::list(&mut conn).await? {
+                let time = |t: Option<i64>| {
+                    t.map_or("-".to_owned(), |us| {
+                        let at = std::time::UNIX_EPOCH
+                            + std::time::Duration::from_micros(us.max(0) as u64);
+                        humantime::format_rfc3339_seconds(at).to_string()
+                    })
+                };
+                println!(
+                    "{:<38} {:<16} {:<16} {:>8} {:>11} {:<20} {:<20} {:<20}",
+                    k.id,
+                    k.tenant_id,
+                    k.name,
+                    k.rate.map_or("-".to_owned(), |r| r.to_string()),
+                    k.daily_quota.map_or("-".to_owned(), |q| q.to_string()),
+                    time(Some(k.created_at)),
+                    time(k.last_used_at),
+                    time(k.revoked_at),
+                );
+            }
+        }
+        KeysCommand::Revoke {
+            database,
+            name_or_id,
+        } => {
+            let mut conn = keys::connect(&database_url(&database)).await?;
+            let key = keys::revoke(&mut conn, &name_or_id).await?;
+            println!(
+                "revoked key {:?} of tenant {:?} (id {})",
+                key.name, key.tenant_id, key.id
+            );
+        }
+    }
     Ok(())
 }

@@ -10,5 +10,6 @@ mod ledger;
 mod orchestration;
 mod streams;
 mod task_runs;
+mod tenancy;
 mod transitions;
 mod validation;

@@ -71,6 +71,15 @@ pub enum LogScope {
     TaskRun(String, TaskRunId),
 }
 
+impl LogScope {
+    /// The tenant whose events these are.
+    pub fn tenant(&self) -> &str {
+        match self {
+            LogScope::Tenant(t) | LogScope::Execution(t, _) | LogScope::TaskRun(t, _) => t,
+        }
+    }
+}
+
 /// A run as a per-run stream's snapshot sees it, with the sequence of its
 /// latest event.
 #[derive(Debug, Clone)]
@@ -315,6 +324,22 @@ impl Store {
     pub async fn prune_events(&self, cutoff: Timestamp) -> Result<u64> {
         self.write(move |tx| Box::pin(tx.prune_events(cutoff)))
             .await
+    }
+
+    /// The API keys in force.
+    pub async fn load_keys(&self) -> Result<crate::keys::KeySet> {
+        let mut conn = self.read.acquire().await?;
+        crate::keys::KeySet::load(&mut conn).await
+    }
+
+    /// Records when these keys (by secret hash) were last used.
+    pub async fn touch_keys(&self, hashes: Vec<String>) -> Result<()> {
+        let hashes = std::sync::Arc::new(hashes);
+        self.write(move |tx| {
+            let hashes = std::sync::Arc::clone(&hashes);
+            Box::pin(async move { tx.touch_keys(&hashes, Timestamp::now()).await })
+        })
+        .await
     }
 
     /// Closes the read pool (the writer ends when every handle is dropped).

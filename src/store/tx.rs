@@ -407,6 +407,23 @@ impl<'c> WriteTx<'c> {
         Ok((executions, task_runs))
     }
 
+    /// Records when these API keys (by secret hash) were last used.
+    pub(crate) async fn touch_keys(&mut self, hashes: &[String], at: Timestamp) -> Result<()> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        self.writes_in_op += 1;
+        let mut q = QueryBuilder::<Sqlite>::new("UPDATE api_keys SET last_used_at = ");
+        q.push_bind(at.as_micros()).push(" WHERE secret_hash IN (");
+        let mut list = q.separated(", ");
+        for h in hashes {
+            list.push_bind(h.clone());
+        }
+        list.push_unseparated(")");
+        q.build().persistent(false).execute(&mut *self.conn).await?;
+        Ok(())
+    }
+
     /// Appends a state to a run's history.
     pub async fn append_state(&mut self, tenant: &str, run_id: &str, state: &State) -> Result<()> {
         self.writes_in_op += 1;

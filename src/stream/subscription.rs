@@ -117,7 +117,9 @@ impl Subscription {
                 Ok(e) if e.seq <= self.last => {}
                 Ok(e) => {
                     self.last = e.seq;
-                    if self.filter.matches(&e) {
+                    // The feed carries every tenant's events; the log reads
+                    // select the tenant in SQL.
+                    if e.tenant_id == self.scope.tenant() && self.filter.matches(&e) {
                         self.done = self.ending.reached_by(&e);
                         return Some(Ok(e.message()));
                     }

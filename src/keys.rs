@@ -1,0 +1,232 @@
+//! API keys: random secrets shown once at creation, stored only as a
+//! SHA-256 hash, each belonging to one tenant and named for the
+//! `updated_by` it writes. `runledger keys create|list|revoke` and the
+//! server's authentication share this module.
+
+use std::{collections::HashMap, str::FromStr, time::Duration};
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sqlx::{
+    Connection, SqliteConnection,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode},
+};
+
+use crate::{
+    Error, Result,
+    domain::{Caller, Timestamp, execution::check_chars},
+};
+
+/// A key as listed: never its secret.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ApiKey {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub rate: Option<f64>,
+    pub daily_quota: Option<i64>,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+/// What a new key may do.
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    pub tenant: String,
+    pub name: String,
+    pub rate: Option<f64>,
+    pub daily_quota: Option<i64>,
+}
+
+/// A fresh secret: "rl_" and 32 random bytes in hex.
+fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("rl_{hex}")
+}
+
+pub fn hash_secret(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Opens (creating and migrating) the database for the key commands.
+pub async fn connect(url: &str) -> Result<SqliteConnection> {
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(|e| Error::Internal(format!("database url: {e}")))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    let mut conn = SqliteConnection::connect_with(&options).await?;
+    sqlx::migrate!("./migrations")
+        .run(&mut conn)
+        .await
+        .map_err(|e| Error::Internal(format!("migrating the database: {e}")))?;
+    Ok(conn)
+}
+
+/// Creates a key; returns it and its secret, which is not stored.
+pub async fn create(conn: &mut SqliteConnection, new: NewKey) -> Result<(ApiKey, String)> {
+    let mut v = crate::domain::Violations::new();
+    v.check("tenant", check_chars(new.tenant.clone(), 1, 100));
+    v.check("name", check_chars(new.name.clone(), 1, 100));
+    if new.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
+        v.add("rate", "must be a positive number of requests per second");
+    }
+    if new.daily_quota.is_some_and(|q| q <= 0) {
+        v.add("daily_quota", "must be positive");
+    }
+    v.finish(|| ())?;
+    let secret = new_secret();
+    let key = ApiKey {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant_id: new.tenant,
+        name: new.name,
+        rate: new.rate,
+        daily_quota: new.daily_quota,
+        created_at: Timestamp::now().as_micros(),
+        last_used_at: None,
+        revoked_at: None,
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO api_keys (id, tenant_id, name, secret_hash, rate, daily_quota, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&key.id)
+    .bind(&key.tenant_id)
+    .bind(&key.name)
+    .bind(hash_secret(&secret))
+    .bind(key.rate)
+    .bind(key.daily_quota)
+    .bind(key.created_at)
+    .execute(&mut *conn)
+    .await;
+    match inserted {
+        Ok(_) => Ok((key, secret)),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Err(Error::AlreadyExists(format!(
+                "tenant {:?} already has a key named {:?}",
+                key.tenant_id, key.name
+            )))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn list(conn: &mut SqliteConnection) -> Result<Vec<ApiKey>> {
+    Ok(sqlx::query_as(
+        "SELECT id, tenant_id, name, rate, daily_quota, created_at, last_used_at, revoked_at \
+         FROM api_keys ORDER BY tenant_id, name",
+    )
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+/// Revokes the key with this id, or the only key with this name.
+pub async fn revoke(conn: &mut SqliteConnection, name_or_id: &str) -> Result<ApiKey> {
+    let matches: Vec<ApiKey> = list(conn)
+        .await?
+        .into_iter()
+        .filter(|k| k.id == name_or_id || k.name == name_or_id)
+        .collect();
+    let key = match matches.as_slice() {
+        [k] => k.clone(),
+        [] => {
+            return Err(Error::NotFound(format!(
+                "no key named or with id {name_or_id:?}"
+            )));
+        }
+        _ => {
+            return Err(Error::FailedPrecondition(format!(
+                "several tenants have a key named {name_or_id:?}; revoke it by id"
+            )));
+        }
+    };
+    sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+        .bind(Timestamp::now().as_micros())
+        .bind(&key.id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(ApiKey {
+        revoked_at: Some(
+            key.revoked_at
+                .unwrap_or_else(|| Timestamp::now().as_micros()),
+        ),
+        ..key
+    })
+}
+
+/// The keys that work now, by secret hash.
+#[derive(Debug, Clone, Default)]
+pub struct KeySet {
+    by_hash: HashMap<String, Caller>,
+    /// Whether the database holds any key at all, revoked or not.
+    pub any: bool,
+}
+
+impl KeySet {
+    pub async fn load(conn: &mut SqliteConnection) -> Result<Self> {
+        let rows: Vec<(String, String, String, Option<i64>)> =
+            sqlx::query_as("SELECT secret_hash, tenant_id, name, revoked_at FROM api_keys")
+                .fetch_all(&mut *conn)
+                .await?;
+        let any = !rows.is_empty();
+        let by_hash = rows
+            .into_iter()
+            .filter(|(_, _, _, revoked)| revoked.is_none())
+            .map(|(hash, tenant_id, name, _)| (hash, Caller { tenant_id, name }))
+            .collect();
+        Ok(KeySet { by_hash, any })
+    }
+
+    pub fn caller(&self, secret: &str) -> Option<&Caller> {
+        self.by_hash.get(&hash_secret(secret))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keys_are_created_listed_revoked_and_only_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("k.db").display());
+        let mut conn = connect(&url).await.unwrap();
+        let new = NewKey {
+            tenant: "acme".into(),
+            name: "ci".into(),
+            rate: Some(5.0),
+            daily_quota: Some(1000),
+        };
+        let (key, secret) = create(&mut conn, new.clone()).await.unwrap();
+        assert!(secret.starts_with("rl_") && secret.len() == 67);
+        assert!(matches!(
+            create(&mut conn, new).await,
+            Err(Error::AlreadyExists(_))
+        ));
+        let stored: Vec<String> = sqlx::query_scalar("SELECT secret_hash FROM api_keys")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(stored, [hash_secret(&secret)]);
+        assert!(!stored[0].contains(&secret[3..]));
+
+        let set = KeySet::load(&mut conn).await.unwrap();
+        assert_eq!(set.caller(&secret).unwrap().tenant_id, "acme");
+        assert!(set.caller("rl_wrong").is_none());
+        assert_eq!(list(&mut conn).await.unwrap(), [key.clone()]);
+
+        revoke(&mut conn, "ci").await.unwrap();
+        let set = KeySet::load(&mut conn).await.unwrap();
+        assert!(set.caller(&secret).is_none() && set.any);
+        assert!(matches!(
+            revoke(&mut conn, "nope").await,
+            Err(Error::NotFound(_))
+        ));
+    }
+}
