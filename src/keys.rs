@@ -219,7 +219,7 @@ mod tests {
         let set = KeySet::load(&mut conn).await.unwrap();
         assert_eq!(set.caller(&secret).unwrap().tenant_id, "acme");
         assert!(set.caller("rl_wrong").is_none());
-        assert_eq!(list(&mut conn).await.unwrap(), [key.clone()]);
+        assert_eq!(list(&mut conn).await.unwrap(), std::slice::from_ref(&key));
 
         revoke(&mut conn, "ci").await.unwrap();
         let set = KeySet::load(&mut conn).await.unwrap();
