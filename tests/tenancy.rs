@@ -387,7 +387,7 @@ async fn one_tenant_never_sees_another_tenants_runs_or_events() {
             .iter()
             .map(|x| x.id.clone())
             .collect::<Vec<_>>(),
-        [eb.id.clone()]
+        std::slice::from_ref(&eb.id)
     );
     let runs = b
         .task_runs
