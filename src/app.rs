@@ -67,7 +67,13 @@ impl App {
         if !keys.any && !loopback && !config.allow_unauthenticated {
             return Err(StartError::Unauthenticated(config.listen));
         }
-        let auth = grpc::auth::Authenticator::new(keys, loopback || config.allow_unauthenticated);
+        let (day, _) = grpc::limits::today();
+        let counted = store.key_usage(day).await.map_err(StartError::Store)?;
+        let auth = grpc::auth::Authenticator::new(
+            keys,
+            loopback || config.allow_unauthenticated,
+            grpc::limits::Limits::new(day, counted),
+        );
         if auth.is_open() {
             warn!(
                 tenant = grpc::auth::OPEN_TENANT,
@@ -214,16 +220,18 @@ impl App {
 }
 
 /// Reloads the keys in force every second, so that new and revoked keys
-/// take effect on a running server, and records when keys were used.
+/// take effect on a running server, and records the keys' request counts
+/// (a crash loses at most the last second's) and when they were last used.
 async fn refresh_keys(store: Store, auth: grpc::auth::Authenticator, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+        let stopping = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
         match store.load_keys().await {
+            Ok(_) if stopping => {}
             Ok(keys) => {
                 let was_open = auth.is_open();
                 auth.replace(keys);
@@ -233,11 +241,20 @@ async fn refresh_keys(store: Store, auth: grpc::auth::Authenticator, shutdown: C
             }
             Err(e) => warn!(error = %e, "reloading API keys"),
         }
+        let counts = auth.take_counts();
+        if !counts.is_empty()
+            && let Err(e) = store.record_key_usage(counts).await
+        {
+            warn!(error = %e, "recording API key request counts");
+        }
         let used = auth.take_used();
         if !used.is_empty()
             && let Err(e) = store.touch_keys(used).await
         {
             warn!(error = %e, "recording API key use");
+        }
+        if stopping {
+            break;
         }
     }
 }

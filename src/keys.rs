@@ -160,32 +160,77 @@ pub async fn revoke(conn: &mut SqliteConnection, name_or_id: &str) -> Result<Api
     })
 }
 
+/// A key in force, as the server checks it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveKey {
+    pub id: String,
+    pub caller: Caller,
+    pub rate: Option<f64>,
+    pub daily_quota: Option<i64>,
+}
+
 /// The keys that work now, by secret hash.
 #[derive(Debug, Clone, Default)]
 pub struct KeySet {
-    by_hash: HashMap<String, Caller>,
+    by_hash: HashMap<String, ActiveKey>,
     /// Whether the database holds any key at all, revoked or not.
     pub any: bool,
 }
 
+type KeyRow = (
+    String,
+    String,
+    String,
+    String,
+    Option<f64>,
+    Option<i64>,
+    Option<i64>,
+);
+
 impl KeySet {
     pub async fn load(conn: &mut SqliteConnection) -> Result<Self> {
-        let rows: Vec<(String, String, String, Option<i64>)> =
-            sqlx::query_as("SELECT secret_hash, tenant_id, name, revoked_at FROM api_keys")
-                .fetch_all(&mut *conn)
-                .await?;
+        let rows: Vec<KeyRow> = sqlx::query_as(
+            "SELECT secret_hash, id, tenant_id, name, rate, daily_quota, revoked_at FROM api_keys",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
         let any = !rows.is_empty();
         let by_hash = rows
             .into_iter()
-            .filter(|(_, _, _, revoked)| revoked.is_none())
-            .map(|(hash, tenant_id, name, _)| (hash, Caller { tenant_id, name }))
+            .filter(|r| r.6.is_none())
+            .map(|(hash, id, tenant_id, name, rate, daily_quota, _)| {
+                let caller = Caller { tenant_id, name };
+                (
+                    hash,
+                    ActiveKey {
+                        id,
+                        caller,
+                        rate,
+                        daily_quota,
+                    },
+                )
+            })
             .collect();
         Ok(KeySet { by_hash, any })
     }
 
-    pub fn caller(&self, secret: &str) -> Option<&Caller> {
+    pub fn key(&self, secret: &str) -> Option<&ActiveKey> {
         self.by_hash.get(&hash_secret(secret))
     }
+
+    pub fn caller(&self, secret: &str) -> Option<&Caller> {
+        self.key(secret).map(|k| &k.caller)
+    }
+}
+
+/// Today's request counts per key id (UTC day number since the epoch).
+pub async fn usage_today(conn: &mut SqliteConnection, day: i64) -> Result<HashMap<String, i64>> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT key_id, requests FROM key_usage WHERE day = ?")
+            .bind(day)
+            .fetch_all(&mut *conn)
+            .await?;
+    Ok(rows.into_iter().collect())
 }
 
 #[cfg(test)]

@@ -507,3 +507,105 @@ async fn without_keys_only_loopback_serves_open_and_a_new_key_closes_it() {
         }
     }
 }
+
+/// A server with one key of the given limits.
+async fn with_limited_key(rate: Option<f64>, daily_quota: Option<i64>) -> (TestApp, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", db_path(dir.path()).display());
+    let mut conn = keys::connect(&url).await.unwrap();
+    let new = keys::NewKey {
+        tenant: "acme".into(),
+        name: "limited".into(),
+        rate,
+        daily_quota,
+    };
+    let (_, secret) = keys::create(&mut conn, new).await.unwrap();
+    (spawn_in(dir, |_| {}).await, secret)
+}
+
+fn retry_delay(s: &Status) -> Duration {
+    use tonic_types::StatusExt;
+    s.get_details_retry_info()
+        .expect("a RetryInfo detail")
+        .retry_delay
+        .expect("a delay")
+}
+
+#[tokio::test]
+async fn a_key_over_its_rate_is_told_when_to_retry() {
+    let (app, secret) = with_limited_key(Some(2.0), None).await;
+    let channel = connect(app.addr).await;
+    let mut c = client(&app, &channel, Some(&secret));
+    c.executions.create_execution(goal("1")).await.unwrap();
+    c.executions.create_execution(goal("2")).await.unwrap();
+    let refused = c.executions.create_execution(goal("3")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("rate limit of 2"),
+        "{}",
+        refused.message()
+    );
+    let wait = retry_delay(&refused);
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_millis(500),
+        "{wait:?}"
+    );
+    tokio::time::sleep(wait).await;
+    c.executions
+        .create_execution(goal("4"))
+        .await
+        .expect("allowed again after the delay");
+}
+
+#[tokio::test]
+async fn a_daily_quota_counts_streams_once_and_survives_a_restart() {
+    let (app, secret) = with_limited_key(None, Some(3)).await;
+    let channel = connect(app.addr).await;
+    let mut c = client(&app, &channel, Some(&secret));
+    let e = c
+        .executions
+        .create_execution(goal("1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+    // A stream is one request, however many events it carries.
+    let mut stream = c
+        .executions
+        .stream_execution_status(pb::StreamExecutionStatusRequest {
+            id: e.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap();
+    c.executions
+        .get_execution(pb::GetExecutionRequest { id: e.id.clone() })
+        .await
+        .unwrap();
+    let refused = c
+        .executions
+        .get_execution(pb::GetExecutionRequest { id: e.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(refused.message(), "daily limit of 3 requests exceeded");
+    assert!(retry_delay(&refused) <= Duration::from_secs(86_400));
+    drop(stream);
+
+    let app = spawn_in(app.stop().await, |_| {}).await;
+    let channel = connect(app.addr).await;
+    let mut c = client(&app, &channel, Some(&secret));
+    let still = c
+        .executions
+        .get_execution(pb::GetExecutionRequest { id: e.id })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        still.code(),
+        Code::ResourceExhausted,
+        "the count survived the restart"
+    );
+}

@@ -5,10 +5,12 @@
 use std::{
     collections::HashSet,
     sync::{Arc, Mutex, RwLock},
+    time::Instant,
 };
 
 use tonic::{Request, Status, metadata::MetadataMap, service::Interceptor};
 
+use super::limits::{self, Limits};
 use crate::{domain::Caller, keys::KeySet};
 
 /// The tenant of a server running without API keys.
@@ -25,15 +27,26 @@ pub struct Authenticator {
     open_allowed: bool,
     /// Secret hashes used since they were last recorded.
     used: Arc<Mutex<HashSet<String>>>,
+    limits: Arc<Mutex<Limits>>,
 }
 
 impl Authenticator {
-    pub fn new(keys: KeySet, open_allowed: bool) -> Self {
+    /// `limits` starts from the requests already counted today.
+    pub fn new(keys: KeySet, open_allowed: bool, limits: Limits) -> Self {
         Authenticator {
             keys: Arc::new(RwLock::new(keys)),
             open_allowed,
             used: Arc::default(),
+            limits: Arc::new(Mutex::new(limits)),
         }
+    }
+
+    /// Requests counted since last asked: (key id, day, requests that day).
+    pub fn take_counts(&self) -> Vec<(String, i64, i64)> {
+        self.limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_dirty()
     }
 
     /// Replaces the keys in force (revocations and new keys take effect).
@@ -59,10 +72,14 @@ impl Authenticator {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
         match secret(metadata) {
             Some(secret) => {
-                let caller = keys
-                    .caller(secret)
-                    .cloned()
+                let key = keys
+                    .key(secret)
                     .ok_or_else(|| Status::unauthenticated("unknown or revoked API key"))?;
+                self.limits
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .admit(key, Instant::now(), limits::today())?;
+                let caller = key.caller.clone();
                 self.used
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

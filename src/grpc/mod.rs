@@ -6,6 +6,7 @@ pub mod codec;
 pub mod convert;
 mod events;
 mod execution;
+pub mod limits;
 mod requests;
 mod status;
 mod streams;

@@ -332,6 +332,22 @@ impl Store {
         crate::keys::KeySet::load(&mut conn).await
     }
 
+    /// Today's request counts per key id.
+    pub async fn key_usage(&self, day: i64) -> Result<std::collections::HashMap<String, i64>> {
+        let mut conn = self.read.acquire().await?;
+        crate::keys::usage_today(&mut conn, day).await
+    }
+
+    /// Records request counts: (key id, day, requests that day).
+    pub async fn record_key_usage(&self, counts: Vec<(String, i64, i64)>) -> Result<()> {
+        let counts = std::sync::Arc::new(counts);
+        self.write(move |tx| {
+            let counts = std::sync::Arc::clone(&counts);
+            Box::pin(async move { tx.record_key_usage(&counts).await })
+        })
+        .await
+    }
+
     /// Records when these keys (by secret hash) were last used.
     pub async fn touch_keys(&self, hashes: Vec<String>) -> Result<()> {
         let hashes = std::sync::Arc::new(hashes);

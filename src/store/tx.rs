@@ -407,6 +407,23 @@ impl<'c> WriteTx<'c> {
         Ok((executions, task_runs))
     }
 
+    /// Records request counts per key and day (a count only grows).
+    pub(crate) async fn record_key_usage(&mut self, counts: &[(String, i64, i64)]) -> Result<()> {
+        for (key_id, day, requests) in counts {
+            self.writes_in_op += 1;
+            sqlx::query(
+                "INSERT INTO key_usage (key_id, day, requests) VALUES (?, ?, ?) \
+                 ON CONFLICT (key_id, day) DO UPDATE SET requests = MAX(requests, excluded.requests)",
+            )
+            .bind(key_id)
+            .bind(day)
+            .bind(requests)
+            .execute(&mut *self.conn)
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Records when these API keys (by secret hash) were last used.
     pub(crate) async fn touch_keys(&mut self, hashes: &[String], at: Timestamp) -> Result<()> {
         if hashes.is_empty() {
