@@ -5,11 +5,8 @@
 
 mod helpers;
 
-mod executions;
 mod ledger;
 mod orchestration;
 mod streams;
-mod task_runs;
 mod tenancy;
-mod transitions;
 mod validation;

@@ -559,3 +559,75 @@ mod tests {
         assert_eq!(fields(&v), ["input"]);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i32>().prop_map(serde_json::Value::from),
+            ".{0,20}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(6, 64, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(".{0,8}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Whatever arrives, validation answers without panicking, and a
+        /// refusal names every field it refuses.
+        #[test]
+        fn create_requests_are_accepted_or_refused_by_field(
+            goal in ".{0,40}",
+            task_id in ".{0,210}",
+            max_depth in -3i32..14,
+            profile in prop_oneof![Just(String::new()), Just("fast".to_owned()), ".{0,12}"],
+            temperature in proptest::option::of(-1.0f64..3.0),
+            max_tokens in proptest::option::of(-5i32..2_000_000),
+            metadata in prop::collection::btree_map(".{0,55}", ".{0,8}", 0..13),
+            request_id in ".{0,105}",
+            state in -1i32..12,
+            input in any_value(),
+            template in "[{}a-z.0-9]{0,20}",
+        ) {
+            let r = pb::CreateExecutionRequest {
+                goal,
+                task_id,
+                max_depth,
+                config_profile: profile,
+                config_overrides: Some(pb::ConfigOverrides { temperature, max_tokens, model: None }),
+                metadata,
+                request_id,
+                initial_state: (state >= 0).then_some(pb::StateCreate { r#type: state, ..Default::default() }),
+                input: match convert::value(&input).kind {
+                    Some(prost_types::value::Kind::StructValue(s)) => Some(s),
+                    _ => None,
+                },
+                ..Default::default()
+            };
+            if let Err(v) = new_execution(r) {
+                prop_assert!(!v.is_empty());
+                prop_assert!(v.iter().all(|f| !f.field.is_empty() && !f.description.is_empty()));
+            }
+            let t = pb::CreateTaskRunRequest {
+                execution_id: uuid::Uuid::now_v7().to_string(),
+                task_key: "k".into(),
+                input: Some(convert::value(&serde_json::json!({ "x": template, "y": input }))),
+                ..Default::default()
+            };
+            if let Err(v) = new_task_run(t) {
+                prop_assert!(v.iter().all(|f| f.field == "input"), "{v}");
+            }
+        }
+    }
+}
