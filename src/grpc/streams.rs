@@ -7,7 +7,7 @@ use futures::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use super::convert;
+use super::{convert, pb};
 use crate::{
     Error, Result,
     domain::{Caller, ExecutionId, Resource, TaskRunId},
@@ -26,7 +26,52 @@ pub(crate) struct Streams {
     pub(crate) shutdown: CancellationToken,
 }
 
+/// Where a per-run stream starts: after its snapshot, at the log's head,
+/// or at the client's cursor, reading the log from there.
+struct Start {
+    after: i64,
+    read_log: bool,
+    snapshot: Vec<pb::StatusEvent>,
+    /// The run is terminal and nothing after the start concerns it.
+    ended: bool,
+}
+
 impl Streams {
+    fn open(
+        &self,
+        rx: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::stream::LoggedEvent>>,
+        scope: LogScope,
+        filter: EventFilter,
+        ending: Ending,
+        start: Start,
+    ) -> Subscription {
+        let store = self.ledger.store().clone();
+        let shutdown = self.shutdown.clone();
+        Subscription::new(
+            store,
+            rx,
+            scope,
+            filter,
+            ending,
+            shutdown,
+            start.after,
+            start.read_log,
+        )
+        .prepend(start.snapshot, start.ended)
+    }
+
+    /// A cursor's start: refused if retention passed it; already ended if
+    /// the run is terminal and its last event is not after the cursor.
+    async fn resume_at(&self, after: i64, terminal: bool, last_seq: i64) -> Result<Start> {
+        self.check_cursor(after).await?;
+        Ok(Start {
+            after,
+            read_log: true,
+            snapshot: Vec::new(),
+            ended: terminal && last_seq <= after,
+        })
+    }
+
     /// Refuses a cursor retention has passed.
     async fn check_cursor(&self, after: i64) -> Result<()> {
         let compacted = self.ledger.store().compacted_seq().await?;
@@ -47,7 +92,7 @@ impl Streams {
         after: i64,
     ) -> Result<Subscription> {
         let rx = self.feed.subscribe();
-        let store = self.ledger.store().clone();
+        let store = self.ledger.store();
         let tenant = caller.tenant_id.clone();
         let filter = EventFilter {
             execution_ids: vec![id.to_string()],
@@ -56,7 +101,7 @@ impl Streams {
         };
         let scope = LogScope::Execution(tenant.clone(), id);
         let ending = Ending::Execution(id.to_string());
-        if after == 0 {
+        let start = if after == 0 {
             let snap = store
                 .execution_snapshot(&tenant, id, include_task_runs)
                 .await?;
@@ -70,33 +115,18 @@ impl Streams {
                     .map(|(t, s)| convert::snapshot(Resource::TaskRun(t), *s)),
             );
             let ended = exec.run.state.state_type.is_terminal();
-            let sub = Subscription::new(
-                store,
-                rx,
-                scope,
-                filter,
-                ending,
-                self.shutdown.clone(),
-                snap.head,
-                false,
-            );
-            Ok(sub.prepend(events, ended))
+            Start {
+                after: snap.head,
+                read_log: false,
+                snapshot: events,
+                ended,
+            }
         } else {
             let (exec, last_seq) = self.ledger.execution(caller, id).await?;
-            self.check_cursor(after).await?;
-            let ended = exec.run.state.state_type.is_terminal() && last_seq <= after;
-            let sub = Subscription::new(
-                store,
-                rx,
-                scope,
-                filter,
-                ending,
-                self.shutdown.clone(),
-                after,
-                true,
-            );
-            Ok(sub.prepend(Vec::new(), ended))
-        }
+            self.resume_at(after, exec.run.state.state_type.is_terminal(), last_seq)
+                .await?
+        };
+        Ok(self.open(rx, scope, filter, ending, start))
     }
 
     pub(crate) async fn task_run(
@@ -106,7 +136,7 @@ impl Streams {
         after: i64,
     ) -> Result<Subscription> {
         let rx = self.feed.subscribe();
-        let store = self.ledger.store().clone();
+        let store = self.ledger.store();
         let tenant = caller.tenant_id.clone();
         let filter = EventFilter {
             include_task_runs: true,
@@ -114,38 +144,23 @@ impl Streams {
         };
         let scope = LogScope::TaskRun(tenant.clone(), id);
         let ending = Ending::TaskRun(id.to_string());
-        if after == 0 {
+        let start = if after == 0 {
             let (run, head) = store.task_run_snapshot(&tenant, id).await?;
             let (run, seq) = run.ok_or_else(|| crate::orchestration::task_run_not_found(id))?;
             let ended = run.run.state.state_type.is_terminal();
             let events = vec![convert::snapshot(Resource::TaskRun(&run), seq)];
-            let sub = Subscription::new(
-                store,
-                rx,
-                scope,
-                filter,
-                ending,
-                self.shutdown.clone(),
-                head,
-                false,
-            );
-            Ok(sub.prepend(events, ended))
+            Start {
+                after: head,
+                read_log: false,
+                snapshot: events,
+                ended,
+            }
         } else {
             let (run, last_seq) = self.ledger.task_run(caller, id).await?;
-            self.check_cursor(after).await?;
-            let ended = run.run.state.state_type.is_terminal() && last_seq <= after;
-            let sub = Subscription::new(
-                store,
-                rx,
-                scope,
-                filter,
-                ending,
-                self.shutdown.clone(),
-                after,
-                true,
-            );
-            Ok(sub.prepend(Vec::new(), ended))
-        }
+            self.resume_at(after, run.run.state.state_type.is_terminal(), last_seq)
+                .await?
+        };
+        Ok(self.open(rx, scope, filter, ending, start))
     }
 
     pub(crate) async fn tenant(
@@ -155,25 +170,20 @@ impl Streams {
         after: i64,
     ) -> Result<Subscription> {
         let rx = self.feed.subscribe();
-        let store = self.ledger.store().clone();
         let scope = LogScope::Tenant(caller.tenant_id.clone());
-        let (start, read_log) = if after == 0 {
+        let start = if after == 0 {
             // Live from now: whatever committed before this is not wanted.
-            (store.head().await?, false)
+            let head = self.ledger.store().head().await?;
+            Start {
+                after: head,
+                read_log: false,
+                snapshot: Vec::new(),
+                ended: false,
+            }
         } else {
-            self.check_cursor(after).await?;
-            (after, true)
+            self.resume_at(after, false, 0).await?
         };
-        Ok(Subscription::new(
-            store,
-            rx,
-            scope,
-            filter,
-            Ending::Never,
-            self.shutdown.clone(),
-            start,
-            read_log,
-        ))
+        Ok(self.open(rx, scope, filter, Ending::Never, start))
     }
 }
 

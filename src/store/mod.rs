@@ -432,13 +432,7 @@ pub(crate) fn list_executions_query<'a>(
         q.push(" AND task_id = ").push_bind(task_id.clone());
     }
     push_state_types(&mut q, &filter.state_types);
-    for (k, v) in &filter.metadata {
-        q.push(" AND EXISTS (SELECT 1 FROM json_each(doc, '$.metadata') WHERE key = ")
-            .push_bind(k.clone())
-            .push(" AND value = ")
-            .push_bind(v.clone())
-            .push(")");
-    }
+    push_pairs(&mut q, "$.metadata", &filter.metadata);
     push_common(
         &mut q,
         filter.created_after,
@@ -468,13 +462,7 @@ pub(crate) fn list_task_runs_query<'a>(
         q.push(" AND stale = ").push_bind(stale);
     }
     push_state_types(&mut q, &filter.state_types);
-    for (k, v) in &filter.labels {
-        q.push(" AND EXISTS (SELECT 1 FROM json_each(doc, '$.labels') WHERE key = ")
-            .push_bind(k.clone())
-            .push(" AND value = ")
-            .push_bind(v.clone())
-            .push(")");
-    }
+    push_pairs(&mut q, "$.labels", &filter.labels);
     push_common(
         &mut q,
         filter.created_after,
@@ -483,6 +471,19 @@ pub(crate) fn list_task_runs_query<'a>(
         page,
     );
     q
+}
+
+/// Every pair must be in the document's map at `path`.
+fn push_pairs(q: &mut QueryBuilder<Sqlite>, path: &'static str, pairs: &[(String, String)]) {
+    for (k, v) in pairs {
+        q.push(" AND EXISTS (SELECT 1 FROM json_each(doc, '")
+            .push(path)
+            .push("') WHERE key = ")
+            .push_bind(k.clone())
+            .push(" AND value = ")
+            .push_bind(v.clone())
+            .push(")");
+    }
 }
 
 fn push_state_types(q: &mut QueryBuilder<Sqlite>, types: &[StateType]) {
