@@ -1,3 +1,5 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 use runledger::{
     App,
@@ -7,7 +9,31 @@ use runledger::{
 use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, each cause once: a message that
+/// already quotes its cause is not followed by it again.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = match cli.command {
         Some(Command::Serve(config)) => config,
