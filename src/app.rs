@@ -7,14 +7,14 @@ use tokio::net::TcpListener;
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::Server};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     Config, Error,
     domain::Timestamp,
     grpc::{self, EventApi, ExecutionApi, TaskRunApi, pb},
     orchestration::Ledger,
-    store::{Store, WriterTask},
+    store::{OpenError, Store, WriterStopped, WriterTask},
     stream::Feed,
 };
 
@@ -29,7 +29,9 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot open the database: {0}")]
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("reading the database: {0}")]
     Store(Error),
     #[error(
         "the database has no API keys and {0} is not a loopback address: create a key with \
@@ -40,6 +42,8 @@ pub enum StartError {
     Reflection(String),
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("{0}; see the log for the cause")]
+    WriterStopped(#[from] WriterStopped),
 }
 
 /// A built service, bound and ready to run.
@@ -56,12 +60,23 @@ pub struct App {
 }
 
 impl App {
-    /// Opens the database and binds the listener (port 0 picks a free one).
+    /// Binds the listener (port 0 picks a free one), then opens the
+    /// database: a port in use is reported before the database is touched.
     pub async fn build(config: Config) -> Result<App, StartError> {
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let feed = Feed::new(config.live_buffer as usize);
-        let (store, writer) = Store::open(&config.database_url(), config.durability, feed.clone())
-            .await
-            .map_err(StartError::Store)?;
+        let (store, writer) =
+            Store::open(&config.database_url(), config.durability, feed.clone()).await?;
         let keys = store.load_keys().await.map_err(StartError::Store)?;
         let loopback = config.listen.ip().is_loopback();
         if !keys.any && !loopback && !config.allow_unauthenticated {
@@ -80,17 +95,6 @@ impl App {
                 "no API keys: serving without authentication until a key is created"
             );
         }
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
         Ok(App {
             listener,
             addr,
@@ -105,6 +109,12 @@ impl App {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The store, for tests that reach below the service.
+    #[doc(hidden)]
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Cancelling this token shuts the service down.
@@ -133,6 +143,9 @@ impl App {
                 .set_service_status(name, tonic_health::ServingStatus::Serving)
                 .await;
         }
+        // Health says NOT_SERVING from the moment shutdown begins, and the
+        // service shuts down if the writer stops: no write could be made.
+        let supervisor = tokio::spawn(supervise(writer, health, shutdown.clone()));
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -213,9 +226,39 @@ impl App {
         // handle to the store is gone.
         store.close_reads().await;
         drop(store);
-        let _ = writer.await;
+        let writer = supervisor.await.unwrap_or(Err(WriterStopped));
         info!("runledger stopped");
-        served.map_err(StartError::from)
+        served?;
+        Ok(writer?)
+    }
+}
+
+/// Marks every service NOT_SERVING when shutdown begins, and begins it if
+/// the writer stops first; answers how the writer ended.
+async fn supervise(
+    writer: WriterTask,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) -> Result<(), WriterStopped> {
+    let writer = writer.wait();
+    tokio::pin!(writer);
+    let early = tokio::select! {
+        () = shutdown.cancelled() => None,
+        ended = &mut writer => Some(ended),
+    };
+    if early.is_some() {
+        error!("the store's writer stopped; shutting down");
+        shutdown.cancel();
+    }
+    for name in grpc::SERVICE_NAMES.iter().copied().chain([""]) {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+    match early {
+        // The service still held the store: stopping now is a defect.
+        Some(_) => Err(WriterStopped),
+        None => writer.await,
     }
 }
 

@@ -15,6 +15,7 @@ use sqlx::{
 use crate::{
     Error, Result,
     domain::{Caller, Timestamp, execution::check_chars},
+    store::{OpenCause, OpenError},
 };
 
 /// A key as listed: never its secret.
@@ -55,17 +56,22 @@ pub fn hash_secret(secret: &str) -> String {
 }
 
 /// Opens (creating and migrating) the database for the key commands.
-pub async fn connect(url: &str) -> Result<SqliteConnection> {
+/// They take no lock: they share the file with a running server through
+/// SQLite's own locking.
+pub async fn connect(url: &str) -> Result<SqliteConnection, OpenError> {
     let options = SqliteConnectOptions::from_str(url)
-        .map_err(|e| Error::Internal(format!("database url: {e}")))?
+        .map_err(|e| OpenError::new(url, OpenCause::Url(e.to_string())))?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .busy_timeout(Duration::from_secs(10));
-    let mut conn = SqliteConnection::connect_with(&options).await?;
+    let path = options.get_filename().to_owned();
+    let mut conn = SqliteConnection::connect_with(&options)
+        .await
+        .map_err(|e| OpenError::database(&path, e))?;
     sqlx::migrate!("./migrations")
         .run(&mut conn)
         .await
-        .map_err(|e| Error::Internal(format!("migrating the database: {e}")))?;
+        .map_err(|e| OpenError::migrate(&path, e))?;
     Ok(conn)
 }
 

@@ -462,7 +462,7 @@ async fn a_revoked_key_stops_working_within_seconds() {
 
 #[tokio::test]
 async fn without_keys_only_loopback_serves_open_and_a_new_key_closes_it() {
-    // Not loopback, no keys, not allowed: refused before anything is bound.
+    // Not loopback, no keys, not allowed: refused at start.
     let dir = tempfile::tempdir().unwrap();
     let config = Config::new(
         "0.0.0.0:0".parse().unwrap(),

@@ -1,6 +1,7 @@
 //! Storage: SQLite through sqlx. Reads use a pool of read-only connections;
 //! every write goes through the single writer (see `writer`).
 
+mod open;
 mod page;
 #[cfg(test)]
 mod plans;
@@ -17,9 +18,11 @@ use sqlx::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+pub use open::{OpenCause, OpenError};
 pub use page::{Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page};
 pub use tx::WriteTx;
 pub(crate) use writer::TxFuture;
+pub use writer::{WriterStopped, WriterTask};
 
 use crate::{
     Error, Result,
@@ -98,19 +101,17 @@ pub struct Store {
     writes: mpsc::Sender<writer::BoxedOp>,
 }
 
-/// The store's writer task, to await at shutdown once every `Store` handle
-/// is dropped.
-pub type WriterTask = tokio::task::JoinHandle<()>;
-
 impl Store {
-    /// Opens (creating and migrating if needed) the database at `url`.
+    /// Opens (creating and migrating if needed) the database at `url` and
+    /// starts its writer, after taking the lock that keeps other servers
+    /// off the file for as long as the writer runs.
     pub async fn open(
         url: &str,
         durability: Durability,
         feed: Feed,
-    ) -> Result<(Store, WriterTask)> {
+    ) -> Result<(Store, WriterTask), OpenError> {
         let options = SqliteConnectOptions::from_str(url)
-            .map_err(|e| Error::Internal(format!("database url: {e}")))?
+            .map_err(|e| OpenError::new(url, OpenCause::Url(e.to_string())))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(match durability {
@@ -120,6 +121,14 @@ impl Store {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10))
             .statement_cache_capacity(256);
+        let path = options.get_filename().to_owned();
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let lock = if in_memory {
+            None
+        } else {
+            Some(open::DatabaseLock::take(&path)?)
+        };
+        let failed = |e: sqlx::Error| OpenError::database(&path, e);
 
         // The writer's own settings: a larger page cache, and checkpoints
         // left to the checkpointer below (the limit is a safety net should
@@ -128,32 +137,39 @@ impl Store {
             .clone()
             .pragma("cache_size", "-65536")
             .pragma("wal_autocheckpoint", "50000");
-        let mut conn = SqliteConnection::connect_with(&writer_options).await?;
+        let mut conn = SqliteConnection::connect_with(&writer_options)
+            .await
+            .map_err(failed)?;
         sqlx::migrate!("./migrations")
             .run(&mut conn)
             .await
-            .map_err(|e| Error::Internal(format!("migrating the database: {e}")))?;
+            .map_err(|e| OpenError::migrate(&path, e))?;
         let next_seq = sqlx::query_scalar::<_, i64>(HEAD_SQL)
             .fetch_one(&mut conn)
-            .await?
+            .await
+            .map_err(failed)?
             + 1;
 
         let read = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
             .connect_with(options.clone().read_only(true))
-            .await?;
+            .await
+            .map_err(failed)?;
 
-        let checkpointer = SqliteConnection::connect_with(&options).await?;
+        let checkpointer = SqliteConnection::connect_with(&options)
+            .await
+            .map_err(failed)?;
         let (tx, rx) = mpsc::channel(4096);
-        let task = tokio::spawn(async move {
-            let (stop, stopped) = tokio::sync::oneshot::channel();
+        let writer = writer::start(lock, move || async move {
+            let (stop, stopped) = oneshot::channel();
             let checkpoints = tokio::spawn(checkpoint(checkpointer, stopped));
             writer::run(conn, rx, feed, next_seq).await;
             let _ = stop.send(());
             let _ = checkpoints.await;
-        });
-        Ok((Store { read, writes: tx }, task))
+        })
+        .map_err(|e| OpenError::new(&path, OpenCause::Writer(e.to_string())))?;
+        Ok((Store { read, writes: tx }, writer))
     }
 
     /// Runs `f` in the writer's next transaction and answers once it has

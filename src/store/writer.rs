@@ -2,14 +2,26 @@
 //! operations waiting at that moment together, in one transaction (group
 //! commit). A caller is answered only after its transaction commits, and
 //! subscribers hear of the events only then.
+//!
+//! The writer runs on a thread of its own, so encoding, template
+//! resolution and commits never take a worker from the services, and a
+//! defect in one operation fails that operation only: its transaction
+//! rolls back, its caller gets INTERNAL and the writer carries on.
 
-use std::{future::Future, num::NonZeroUsize, pin::Pin, sync::Arc};
+use std::{
+    any::Any, future::Future, num::NonZeroUsize, panic::AssertUnwindSafe, pin::Pin, sync::Arc,
+};
 
+use futures::FutureExt;
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
-use super::tx::{RunCache, WriteTx};
+use super::{
+    Store,
+    open::DatabaseLock,
+    tx::{RunCache, WriteTx},
+};
 use crate::{
     Error, Result,
     stream::{Feed, LoggedEvent},
@@ -104,6 +116,50 @@ impl<T, F> std::fmt::Debug for ClosureOp<T, F> {
 
 pub(crate) type BoxedOp = Box<dyn WriteOp>;
 
+/// The writer's thread, to await at shutdown once every `Store` handle is
+/// dropped.
+#[derive(Debug)]
+pub struct WriterTask {
+    finished: oneshot::Receiver<()>,
+}
+
+/// The writer ended before every `Store` handle was dropped: a defect
+/// outside any one operation stopped it, and no write can be made.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the store's writer stopped unexpectedly")]
+pub struct WriterStopped;
+
+impl WriterTask {
+    /// Waits until the writer has ended: after its last commit once every
+    /// `Store` handle is gone, or early if a defect stopped it.
+    pub async fn wait(self) -> Result<(), WriterStopped> {
+        self.finished.await.map_err(|_| WriterStopped)
+    }
+}
+
+/// Runs `work` on a new thread with its own single-threaded runtime; the
+/// database lock is released when the work ends (or the thread dies).
+pub(super) fn start<F, Fut>(lock: Option<DatabaseLock>, work: F) -> std::io::Result<WriterTask>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (done, finished) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("runledger-writer".into())
+        .spawn(move || {
+            runtime.block_on(work());
+            drop(runtime);
+            // Free the database for the next server before saying so.
+            drop(lock);
+            let _ = done.send(());
+        })?;
+    Ok(WriterTask { finished })
+}
+
 /// Runs until every sender is gone, then returns after the last commit.
 pub(crate) async fn run(
     mut conn: SqliteConnection,
@@ -150,6 +206,16 @@ pub(crate) async fn run(
     }
 }
 
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s
+    } else {
+        "(no message)"
+    }
+}
+
 /// Applies `ops` in one transaction and commits it, returning the events
 /// written; on error everything is rolled back.
 async fn commit(
@@ -161,17 +227,21 @@ async fn commit(
     sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
     let mut tx = WriteTx::new(conn, cache, next_seq);
     tx.careful = ops.len() == 1;
-    let mut result = Ok(());
-    for op in ops.iter_mut() {
-        result = op.apply(&mut tx).await;
-        if result.is_err() {
-            break;
-        }
-    }
-    if result.is_ok() {
-        result = tx.flush().await;
-    }
+    // A panic in an operation (or in flushing its writes) fails the
+    // transaction like any other error, and the writer carries on.
+    let applied = AssertUnwindSafe(apply_all(&mut tx, ops))
+        .catch_unwind()
+        .await;
     let (events, runs) = tx.into_parts();
+    let result = applied.unwrap_or_else(|panic| {
+        error!(
+            panic = panic_message(&*panic),
+            "a write operation panicked; rolling back"
+        );
+        // The panic may have come in the middle of updating the cache.
+        cache.clear();
+        Err(Error::Internal("a write operation panicked".into()))
+    });
     if let Err(e) = result {
         rollback(conn).await;
         return Err(e);
@@ -186,9 +256,59 @@ async fn commit(
     Ok(events)
 }
 
+async fn apply_all(tx: &mut WriteTx<'_>, ops: &mut [BoxedOp]) -> Result<()> {
+    for op in ops.iter_mut() {
+        op.apply(tx).await?;
+    }
+    tx.flush().await
+}
+
 async fn rollback(conn: &mut SqliteConnection) {
     if let Err(e) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
         // Nothing was open (the failure ended the transaction already).
         warn!(error = %e, "rollback");
+    }
+}
+
+/// Faults for tests of the writer's supervision. They are not part of the
+/// service: nothing a client sends reaches them.
+impl Store {
+    /// A write that records a day's request count for `key_id` and then
+    /// panics, as a defect in an operation would.
+    #[doc(hidden)]
+    pub async fn write_then_panic(&self, key_id: String, day: i64) -> Result<()> {
+        let counts = Arc::new(vec![(key_id, day, 1)]);
+        self.write(move |tx| {
+            let counts = Arc::clone(&counts);
+            Box::pin(async move { record_then_panic(tx, &counts).await })
+        })
+        .await
+    }
+
+    /// Stops the writer thread as a defect in the writer itself would: the
+    /// operation commits, and answering it panics.
+    #[doc(hidden)]
+    pub async fn crash_writer(&self) {
+        let _ = self.writes.send(Box::new(PanicOnAnswer)).await;
+    }
+}
+
+async fn record_then_panic(tx: &mut WriteTx<'_>, counts: &[(String, i64, i64)]) -> Result<()> {
+    tx.record_key_usage(counts).await?;
+    panic!("a defect in a write operation");
+}
+
+struct PanicOnAnswer;
+
+impl WriteOp for PanicOnAnswer {
+    fn apply<'a, 'c>(&'a mut self, _tx: &'a mut WriteTx<'c>) -> TxFuture<'a, ()>
+    where
+        'c: 'a,
+    {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn finish(self: Box<Self>, _failure: Option<Error>) {
+        panic!("a defect in the writer");
     }
 }
