@@ -9,5 +9,6 @@ mod ledger;
 mod orchestration;
 mod startup;
 mod streams;
+mod supervision;
 mod tenancy;
 mod validation;
