@@ -157,3 +157,22 @@ fn a_database_the_user_may_not_open_is_refused_with_permission_denied() {
     };
     refused(&out, &db, "permission denied");
 }
+
+#[test]
+fn a_port_in_use_is_reported_before_the_database_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run_to_exit(&["serve", "--listen", &addr], &db, |_| {});
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit status {:?}", out.status);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line:\n{stderr}");
+    assert!(
+        errors[0].contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Caused by"), "{stderr}");
+    assert!(!db.exists(), "the database was not created");
+}

@@ -168,6 +168,7 @@ impl Store {
             let _ = stop.send(());
             let _ = checkpoints.await;
         })
+        .await
         .map_err(|e| OpenError::new(&path, OpenCause::Writer(e.to_string())))?;
         Ok((Store { read, writes: tx }, writer))
     }

@@ -139,24 +139,39 @@ impl WriterTask {
 
 /// Runs `work` on a new thread with its own single-threaded runtime; the
 /// database lock is released when the work ends (or the thread dies).
-pub(super) fn start<F, Fut>(lock: Option<DatabaseLock>, work: F) -> std::io::Result<WriterTask>
+pub(super) async fn start<F, Fut>(
+    lock: Option<DatabaseLock>,
+    work: F,
+) -> std::io::Result<WriterTask>
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let (ready, started) = oneshot::channel();
     let (done, finished) = oneshot::channel();
     std::thread::Builder::new()
         .name("runledger-writer".into())
         .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready.send(Ok(()));
             runtime.block_on(work());
             drop(runtime);
             // Free the database for the next server before saying so.
             drop(lock);
             let _ = done.send(());
         })?;
+    started
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread ended at start")))?;
     Ok(WriterTask { finished })
 }
 
