@@ -107,6 +107,11 @@ impl App {
         self.addr
     }
 
+    /// Counts of the store writer's work, readable while the app runs.
+    pub fn writer_stats(&self) -> std::sync::Arc<crate::store::WriterStats> {
+        self.store.writer_stats()
+    }
+
     /// Cancelling this token shuts the service down.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()

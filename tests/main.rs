@@ -5,6 +5,7 @@
 
 mod helpers;
 
+mod idempotency;
 mod ledger;
 mod orchestration;
 mod streams;

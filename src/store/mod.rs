@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use page::{Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page};
 pub use tx::WriteTx;
 pub(crate) use writer::TxFuture;
+pub use writer::WriterStats;
 
 use crate::{
     Error, Result,
@@ -96,6 +97,7 @@ pub struct Snapshot {
 pub struct Store {
     read: SqlitePool,
     writes: mpsc::Sender<writer::BoxedOp>,
+    stats: std::sync::Arc<WriterStats>,
 }
 
 /// The store's writer task, to await at shutdown once every `Store` handle
@@ -146,14 +148,28 @@ impl Store {
 
         let checkpointer = SqliteConnection::connect_with(&options).await?;
         let (tx, rx) = mpsc::channel(4096);
+        let stats = std::sync::Arc::new(WriterStats::default());
+        let writer_stats = std::sync::Arc::clone(&stats);
         let task = tokio::spawn(async move {
             let (stop, stopped) = tokio::sync::oneshot::channel();
             let checkpoints = tokio::spawn(checkpoint(checkpointer, stopped));
-            writer::run(conn, rx, feed, next_seq).await;
+            writer::run(conn, rx, feed, next_seq, writer_stats).await;
             let _ = stop.send(());
             let _ = checkpoints.await;
         });
-        Ok((Store { read, writes: tx }, task))
+        Ok((
+            Store {
+                read,
+                writes: tx,
+                stats,
+            },
+            task,
+        ))
+    }
+
+    /// Counts of the writer's work.
+    pub fn writer_stats(&self) -> std::sync::Arc<WriterStats> {
+        std::sync::Arc::clone(&self.stats)
     }
 
     /// Runs `f` in the writer's next transaction and answers once it has

@@ -3,7 +3,15 @@
 //! commit). A caller is answered only after its transaction commits, and
 //! subscribers hear of the events only then.
 
-use std::{future::Future, num::NonZeroUsize, pin::Pin, sync::Arc};
+use std::{
+    future::Future,
+    num::NonZeroUsize,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
@@ -39,7 +47,8 @@ pub(crate) trait WriteOp: Send {
 }
 
 /// An operation made from a closure that may run more than once (a batch
-/// that fails is retried one operation at a time).
+/// that fails is retried one operation at a time, and an operation that
+/// met a stored idempotency key runs again).
 pub(crate) struct ClosureOp<T, F> {
     f: F,
     answer: Option<Result<T>>,
@@ -104,18 +113,40 @@ impl<T, F> std::fmt::Debug for ClosureOp<T, F> {
 
 pub(crate) type BoxedOp = Box<dyn WriteOp>;
 
+/// Counts of the writer's work, readable while the service runs.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    commits: AtomicU64,
+    batches_retried: AtomicU64,
+}
+
+impl WriterStats {
+    /// Transactions committed.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Batches that failed as a whole and were retried one operation per
+    /// transaction.
+    pub fn batches_retried(&self) -> u64 {
+        self.batches_retried.load(Ordering::Relaxed)
+    }
+}
+
 /// Runs until every sender is gone, then returns after the last commit.
 pub(crate) async fn run(
     mut conn: SqliteConnection,
     mut rx: mpsc::Receiver<BoxedOp>,
     feed: Feed,
     mut next_seq: i64,
+    stats: Arc<WriterStats>,
 ) {
     let mut cache = RunCache::new(NonZeroUsize::new(CACHED_RUNS).expect("non-zero"));
     let mut batch: Vec<BoxedOp> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         match commit(&mut conn, &mut cache, &mut batch, next_seq).await {
             Ok(events) => {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
                 next_seq += events.len() as i64;
                 feed.publish(events);
                 for op in batch.drain(..) {
@@ -124,10 +155,12 @@ pub(crate) async fn run(
             }
             Err(e) => {
                 warn!(error = %e, ops = batch.len(), "batch failed; retrying its operations one by one");
+                stats.batches_retried.fetch_add(1, Ordering::Relaxed);
                 for op in batch.drain(..) {
                     let mut one = vec![op];
                     match commit(&mut conn, &mut cache, &mut one, next_seq).await {
                         Ok(events) => {
+                            stats.commits.fetch_add(1, Ordering::Relaxed);
                             next_seq += events.len() as i64;
                             feed.publish(events);
                             if let Some(op) = one.pop() {
@@ -162,7 +195,8 @@ async fn commit(
     let mut tx = WriteTx::new(conn, cache, next_seq);
     tx.careful = ops.len() == 1;
     let mut result = Ok(());
-    for op in ops.iter_mut() {
+    for (i, op) in ops.iter_mut().enumerate() {
+        tx.op = i;
         result = op.apply(&mut tx).await;
         if result.is_err() {
             break;
@@ -170,6 +204,25 @@ async fn commit(
     }
     if result.is_ok() {
         result = tx.flush().await;
+    }
+    // Operations whose new run met one already stored under the same
+    // idempotency key run again, carefully, and find the stored run.
+    while result.is_ok() {
+        let rerun = tx.take_rerun();
+        if rerun.is_empty() {
+            break;
+        }
+        tx.careful = true;
+        for i in rerun {
+            tx.op = i;
+            result = ops[i].apply(&mut tx).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = tx.flush().await;
+        }
     }
     let (events, runs) = tx.into_parts();
     if let Err(e) = result {
