@@ -14,7 +14,7 @@ use crate::{
     domain::Timestamp,
     grpc::{self, EventApi, ExecutionApi, TaskRunApi, pb},
     orchestration::Ledger,
-    store::{Store, WriterTask},
+    store::{Pruned, Store, WriterTask},
     stream::Feed,
 };
 
@@ -279,10 +279,16 @@ async fn prune_events(
         let Some(cutoff) = Timestamp::now().checked_sub(retention) else {
             continue;
         };
-        match store.prune_events(cutoff).await {
-            Ok(0) => {}
-            Ok(n) => info!(removed = n, "pruned events past retention"),
-            Err(e) => warn!(error = %e, "pruning events"),
+        match store.prune(cutoff).await {
+            Ok(p) if p == Pruned::default() => {}
+            Ok(p) => info!(
+                events = p.events,
+                states = p.states,
+                transitions = p.transitions,
+                cache_entries = p.cache_entries,
+                "pruned past retention"
+            ),
+            Err(e) => warn!(error = %e, "pruning past retention"),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 mod helpers;
 
+mod history;
 mod idempotency;
 mod ledger;
 mod orchestration;

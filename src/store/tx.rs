@@ -24,6 +24,18 @@ use crate::{
 /// well under SQLite's limit on bound variables.
 const ROWS_PER_STATEMENT: usize = 256;
 
+/// What one round of retention removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub events: u64,
+    /// History rows of finished runs.
+    pub states: u64,
+    /// Recorded transition results of finished runs.
+    pub transitions: u64,
+    /// Expired cache entries.
+    pub cache_entries: u64,
+}
+
 /// A run as the writer last wrote or read it.
 #[derive(Debug, Clone)]
 pub(crate) enum CachedRun {
@@ -520,10 +532,25 @@ impl<'c> WriteTx<'c> {
         Ok(seq)
     }
 
-    /// Removes events that occurred before `cutoff` and raises the
-    /// compaction mark. Returns how many were removed.
-    pub(crate) async fn prune_events(&mut self, cutoff: Timestamp) -> Result<u64> {
+    /// Applies retention: removes up to `limit` of the events that occurred
+    /// before `cutoff` (the oldest first) and raises the compaction mark;
+    /// a finished run (terminal or deleted) whose last event goes loses its
+    /// older history rows and its recorded transition results, keeping its
+    /// current state; cache entries expired by `now` go too.
+    pub(crate) async fn prune(
+        &mut self,
+        cutoff: Timestamp,
+        now: Timestamp,
+        limit: i64,
+    ) -> Result<Pruned> {
         self.flush().await?;
+        let mut pruned = Pruned::default();
+        self.writes_in_op += 1;
+        pruned.cache_entries = sqlx::query(sql::EXPIRED_CACHE_ENTRIES)
+            .bind(now.as_micros())
+            .execute(&mut *self.conn)
+            .await?
+            .rows_affected();
         // Sequence order is time order: the old events are a prefix of the
         // log, ending just before the first event that is not old; finding
         // it walks only the events about to go.
@@ -544,10 +571,29 @@ impl<'c> WriteTx<'c> {
                 .fetch_one(&mut *self.conn)
                 .await?;
         let Some(max) = max.filter(|m| *m > compacted) else {
-            return Ok(0);
+            return Ok(pruned);
         };
-        self.writes_in_op += 1;
-        let removed = sqlx::query("DELETE FROM events WHERE seq <= ?")
+        let max = max.min(compacted.saturating_add(limit));
+        sqlx::query(sql::CREATE_CLOSED_RUNS)
+            .execute(&mut *self.conn)
+            .await?;
+        sqlx::query("DELETE FROM temp.closed_runs")
+            .execute(&mut *self.conn)
+            .await?;
+        sqlx::query(sql::CLOSED_RUNS_IN_RANGE)
+            .bind(compacted)
+            .bind(max)
+            .execute(&mut *self.conn)
+            .await?;
+        pruned.states = sqlx::query(sql::PRUNE_CLOSED_STATES)
+            .execute(&mut *self.conn)
+            .await?
+            .rows_affected();
+        pruned.transitions = sqlx::query(sql::PRUNE_CLOSED_TRANSITIONS)
+            .execute(&mut *self.conn)
+            .await?
+            .rows_affected();
+        pruned.events = sqlx::query("DELETE FROM events WHERE seq <= ?")
             .bind(max)
             .execute(&mut *self.conn)
             .await?
@@ -556,7 +602,7 @@ impl<'c> WriteTx<'c> {
             .bind(max)
             .execute(&mut *self.conn)
             .await?;
-        Ok(removed)
+        Ok(pruned)
     }
 
     /// Takes back new runs that could not be inserted (see `flush`): their
