@@ -90,3 +90,97 @@ impl WriteTx<'_> {
         Ok(pruned)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, SqliteConnection, migrate::Migrator, sqlite::SqliteConnectOptions};
+
+    /// A database retention passed before finished runs' history went with
+    /// their events gets the same treatment once, when it is migrated.
+    #[tokio::test]
+    async fn migrating_drops_the_history_of_runs_retention_already_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let earlier = dir.path().join("earlier");
+        std::fs::create_dir(&earlier).unwrap();
+        for entry in std::fs::read_dir("migrations").unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            if name.as_str() < "0007" {
+                std::fs::copy(&path, earlier.join(name)).unwrap();
+            }
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("old.db"))
+            .create_if_missing(true);
+        let mut conn = SqliteConnection::connect_with(&options).await.unwrap();
+        Migrator::new(earlier.as_path())
+            .await
+            .unwrap()
+            .run(&mut conn)
+            .await
+            .unwrap();
+        // Retention has passed sequence 10. `done` (COMPLETED) and
+        // `gone` (deleted while RUNNING) are finished; `busy` runs; `late`
+        // finished after the mark.
+        let runs = [
+            ("done", 4, None, 5),
+            ("gone", 3, Some(1), 6),
+            ("busy", 3, None, 7),
+            ("late", 4, None, 12),
+        ];
+        for (id, state_type, deleted_at, last_seq) in runs {
+            sqlx::query(
+                "INSERT INTO executions (id, tenant_id, created_at, state_type, deleted_at, last_seq, doc) \
+                 VALUES (?, 't', 0, ?, ?, ?, '{}')",
+            )
+            .bind(id)
+            .bind(state_type)
+            .bind(deleted_at)
+            .bind(last_seq)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            for n in 0..3 {
+                sqlx::query(
+                    "INSERT INTO states (id, tenant_id, run_id, doc) VALUES (?, 't', ?, ?)",
+                )
+                .bind(format!("{id}-{n}"))
+                .bind(id)
+                .bind(format!("{{\"n\":{n}}}"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            }
+            sqlx::query(
+                "INSERT INTO transitions (run_id, transition_id, result) VALUES (?, 'x', '{}')",
+            )
+            .bind(id)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        sqlx::query("UPDATE counters SET value = 10 WHERE name = 'compacted_seq'")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+
+        sqlx::migrate!("./migrations").run(&mut conn).await.unwrap();
+
+        let states: Vec<String> = sqlx::query_scalar("SELECT id FROM states ORDER BY rowid")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            states,
+            [
+                "done-2", "gone-2", "busy-0", "busy-1", "busy-2", "late-0", "late-1", "late-2"
+            ]
+        );
+        let transitions: Vec<String> =
+            sqlx::query_scalar("SELECT run_id FROM transitions ORDER BY run_id")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(transitions, ["busy", "late"]);
+    }
+}
