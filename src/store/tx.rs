@@ -593,6 +593,8 @@ impl<'c> WriteTx<'c> {
     /// its history rows and events, the events after it take the numbers
     /// freed (the log stays dense), and the operations that made or found it
     /// are marked to run again; run carefully, they find the stored run.
+    /// An operation that creates a run writes nothing else, so running it
+    /// again repeats nothing.
     pub(super) async fn flush(&mut self) -> Result<()> {
         let dirty = std::mem::take(&mut self.dirty);
         let (mut executions, mut task_runs) = (Vec::new(), Vec::new());
