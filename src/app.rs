@@ -14,7 +14,7 @@ use crate::{
     domain::Timestamp,
     grpc::{self, EventApi, ExecutionApi, TaskRunApi, pb},
     orchestration::Ledger,
-    store::{OpenError, Store, WriterStopped, WriterTask},
+    store::{OpenError, Pruned, Store, WriterStopped, WriterTask},
     stream::Feed,
 };
 
@@ -115,6 +115,11 @@ impl App {
     #[doc(hidden)]
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Counts of the store writer's work, readable while the app runs.
+    pub fn writer_stats(&self) -> std::sync::Arc<crate::store::WriterStats> {
+        self.store.writer_stats()
     }
 
     /// Cancelling this token shuts the service down.
@@ -317,10 +322,16 @@ async fn prune_events(
         let Some(cutoff) = Timestamp::now().checked_sub(retention) else {
             continue;
         };
-        match store.prune_events(cutoff).await {
-            Ok(0) => {}
-            Ok(n) => info!(removed = n, "pruned events past retention"),
-            Err(e) => warn!(error = %e, "pruning events"),
+        match store.prune(cutoff).await {
+            Ok(p) if p == Pruned::default() => {}
+            Ok(p) => info!(
+                events = p.events,
+                states = p.states,
+                transitions = p.transitions,
+                cache_entries = p.cache_entries,
+                "pruned past retention"
+            ),
+            Err(e) => warn!(error = %e, "pruning past retention"),
         }
     }
 }

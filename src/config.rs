@@ -106,11 +106,16 @@ pub struct Config {
     pub durability: Durability,
 
     /// How long the event log keeps events; streams resuming from an older
-    /// sequence get OUT_OF_RANGE.
+    /// sequence get OUT_OF_RANGE. Once the last event of a finished run
+    /// (terminal or deleted) is past retention, its state history and
+    /// recorded transition results go too, except its current state, which
+    /// ListStates and Get keep returning; a running run keeps its history.
+    /// Cache entries go once they expire.
     #[arg(long, env = "RUNLEDGER_EVENT_RETENTION", value_parser = humantime::parse_duration, default_value = "7d")]
     pub event_retention: Duration,
 
-    /// How often events past retention are removed.
+    /// How often retention runs (events, history of finished runs, expired
+    /// cache entries).
     #[arg(long, env = "RUNLEDGER_PRUNE_INTERVAL", value_parser = humantime::parse_duration, default_value = "1m")]
     pub prune_interval: Duration,
 

@@ -1040,6 +1040,7 @@ async fn malformed_requests_name_the_field_and_change_nothing() {
         t.list_states(pb::ListStatesRequest {
             execution_id: exec.id.clone(),
             task_run_id: task.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err(),

@@ -5,6 +5,8 @@
 
 mod helpers;
 
+mod history;
+mod idempotency;
 mod ledger;
 mod orchestration;
 mod startup;

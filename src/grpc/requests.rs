@@ -15,7 +15,7 @@ use crate::{
         RetryPolicy, StateDetails, StateId, StateProposal, StateType, TaskRunId, Violations, json,
     },
     orchestration::rules::{Payload, Proposal},
-    store::{ExecutionFilter, Page, TaskRunFilter},
+    store::{ExecutionFilter, HistoryPage, Page, TaskRunFilter},
 };
 
 const MAX_MESSAGE_CHARS: usize = 10_000;
@@ -366,6 +366,17 @@ pub(crate) fn run_input(s: Option<&prost_types::Struct>, v: &mut Violations) -> 
 
 pub(crate) fn page(size: i32, token: &str, v: &mut Violations) -> Option<Page> {
     match Page::new(size, token) {
+        Ok(p) => Some(p),
+        Err((field, e)) => {
+            v.add(field, e);
+            None
+        }
+    }
+}
+
+/// ListStates' page.
+pub(crate) fn history_page(size: i32, token: &str, v: &mut Violations) -> Option<HistoryPage> {
+    match HistoryPage::new(size, token) {
         Ok(p) => Some(p),
         Err((field, e)) => {
             v.add(field, e);

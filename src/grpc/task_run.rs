@@ -174,20 +174,21 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
         let caller = caller(&req)?;
         let r = req.into_inner();
         let mut v = Violations::new();
-        let states = match (r.execution_id.is_empty(), r.task_run_id.is_empty()) {
+        let page = requests::history_page(r.page_size, &r.page_token, &mut v);
+        let (states, next) = match (r.execution_id.is_empty(), r.task_run_id.is_empty()) {
             (false, true) => {
                 let id = requests::execution_id("execution_id", &r.execution_id, &mut v);
-                let id = v
-                    .finish(|| id.expect("checked"))
+                let (id, page) = v
+                    .finish(|| (id.expect("checked"), page.expect("checked")))
                     .map_err(crate::Error::from)?;
-                self.ledger().execution_states(&caller, id).await?
+                self.ledger().execution_states(&caller, id, &page).await?
             }
             (true, false) => {
                 let id = requests::task_run_id("task_run_id", &r.task_run_id, &mut v);
-                let id = v
-                    .finish(|| id.expect("checked"))
+                let (id, page) = v
+                    .finish(|| (id.expect("checked"), page.expect("checked")))
                     .map_err(crate::Error::from)?;
-                self.ledger().task_run_states(&caller, id).await?
+                self.ledger().task_run_states(&caller, id, &page).await?
             }
             _ => {
                 v.add(
@@ -198,6 +199,7 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
             }
         };
         Ok(Response::new(pb::ListStatesResponse {
+            next_page_token: next.unwrap_or_default(),
             states: states.iter().map(convert::state).collect(),
         }))
     }

@@ -16,7 +16,7 @@ use crate::{
         TaskRunId, Timestamp, Violations,
         template::{self, Resolution, Upstream},
     },
-    store::{Cursor, ExecutionFilter, Page, Store, TaskRunFilter, WriteTx},
+    store::{Cursor, ExecutionFilter, HistoryPage, Page, Store, TaskRunFilter, WriteTx},
 };
 
 /// The result of a proposed transition.
@@ -274,15 +274,30 @@ impl Ledger {
             .await
     }
 
-    /// The state history of an execution or a task run, oldest first.
-    pub async fn execution_states(&self, caller: &Caller, id: ExecutionId) -> Result<Vec<State>> {
+    /// A page of the state history of an execution or a task run, oldest
+    /// first, and the next page's token.
+    pub async fn execution_states(
+        &self,
+        caller: &Caller,
+        id: ExecutionId,
+        page: &HistoryPage,
+    ) -> Result<(Vec<State>, Option<String>)> {
         self.execution(caller, id).await?;
-        self.store.states(&caller.tenant_id, &id.to_string()).await
+        self.store
+            .states(&caller.tenant_id, &id.to_string(), page)
+            .await
     }
 
-    pub async fn task_run_states(&self, caller: &Caller, id: TaskRunId) -> Result<Vec<State>> {
+    pub async fn task_run_states(
+        &self,
+        caller: &Caller,
+        id: TaskRunId,
+        page: &HistoryPage,
+    ) -> Result<(Vec<State>, Option<String>)> {
         self.task_run(caller, id).await?;
-        self.store.states(&caller.tenant_id, &id.to_string()).await
+        self.store
+            .states(&caller.tenant_id, &id.to_string(), page)
+            .await
     }
 }
 

@@ -19,10 +19,13 @@ use sqlx::{
 use tokio::sync::{mpsc, oneshot};
 
 pub use open::{OpenCause, OpenError};
-pub use page::{Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page};
-pub use tx::WriteTx;
+pub use page::{Cursor, DEFAULT_PAGE_SIZE, HistoryPage, MAX_PAGE_SIZE, Page};
+pub use tx::{Pruned, WriteTx};
 pub(crate) use writer::TxFuture;
-pub use writer::{WriterStopped, WriterTask};
+pub use writer::{WriterStats, WriterStopped, WriterTask};
+
+/// The most events one retention transaction removes.
+const PRUNE_EVENTS_PER_TRANSACTION: i64 = 20_000;
 
 use crate::{
     Error, Result,
@@ -99,6 +102,7 @@ pub struct Snapshot {
 pub struct Store {
     read: SqlitePool,
     writes: mpsc::Sender<writer::BoxedOp>,
+    stats: std::sync::Arc<WriterStats>,
 }
 
 impl Store {
@@ -161,16 +165,30 @@ impl Store {
             .await
             .map_err(failed)?;
         let (tx, rx) = mpsc::channel(4096);
+        let stats = std::sync::Arc::new(WriterStats::default());
+        let writer_stats = std::sync::Arc::clone(&stats);
         let writer = writer::start(lock, move || async move {
             let (stop, stopped) = oneshot::channel();
             let checkpoints = tokio::spawn(checkpoint(checkpointer, stopped));
-            writer::run(conn, rx, feed, next_seq).await;
+            writer::run(conn, rx, feed, next_seq, writer_stats).await;
             let _ = stop.send(());
             let _ = checkpoints.await;
         })
         .await
         .map_err(|e| OpenError::new(&path, OpenCause::Writer(e.to_string())))?;
-        Ok((Store { read, writes: tx }, writer))
+        Ok((
+            Store {
+                read,
+                writes: tx,
+                stats,
+            },
+            writer,
+        ))
+    }
+
+    /// Counts of the writer's work.
+    pub fn writer_stats(&self) -> std::sync::Arc<WriterStats> {
+        std::sync::Arc::clone(&self.stats)
     }
 
     /// Runs `f` in the writer's next transaction and answers once it has
@@ -237,14 +255,32 @@ impl Store {
         page.split(rows)
     }
 
-    /// A run's state history, oldest first.
-    pub async fn states(&self, tenant: &str, run_id: &str) -> Result<Vec<State>> {
-        let docs: Vec<String> = sqlx::query_scalar(sql::STATES_OF_RUN)
+    /// A page of a run's state history, oldest first, and the token of the
+    /// next page if there is one.
+    pub async fn states(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        page: &HistoryPage,
+    ) -> Result<(Vec<State>, Option<String>)> {
+        let mut rows: Vec<(i64, String)> = sqlx::query_as(sql::STATES_OF_RUN)
             .bind(tenant)
             .bind(run_id)
+            .bind(page.after.unwrap_or(0))
+            .bind(page.size as i64 + 1)
             .fetch_all(&self.read)
             .await?;
-        docs.iter().map(|d| rows::decode_doc(d)).collect()
+        let more = rows.len() > page.size as usize;
+        rows.truncate(page.size as usize);
+        let next = match (more, rows.last()) {
+            (true, Some((row, _))) => Some(HistoryPage::token(*row)),
+            _ => None,
+        };
+        let states = rows
+            .iter()
+            .map(|(_, d)| rows::decode_doc(d))
+            .collect::<Result<_>>()?;
+        Ok((states, next))
     }
 
     /// Up to `limit` events of `scope` with sequence above `after`, in order.
@@ -337,10 +373,26 @@ impl Store {
         Ok((run, head))
     }
 
-    /// Removes events older than `cutoff` from the log, through the writer.
-    pub async fn prune_events(&self, cutoff: Timestamp) -> Result<u64> {
-        self.write(move |tx| Box::pin(tx.prune_events(cutoff)))
-            .await
+    /// Applies retention through the writer: removes the events older than
+    /// `cutoff`, the history rows and transition results of finished runs
+    /// whose last event that removes (each keeps its current state), and
+    /// cache entries expired by now. A long backlog goes in several
+    /// transactions, so that other writes wait for none of them for long.
+    pub async fn prune(&self, cutoff: Timestamp) -> Result<Pruned> {
+        let mut total = Pruned::default();
+        loop {
+            let now = Timestamp::now();
+            let round = self
+                .write(move |tx| Box::pin(tx.prune(cutoff, now, PRUNE_EVENTS_PER_TRANSACTION)))
+                .await?;
+            total.events += round.events;
+            total.states += round.states;
+            total.transitions += round.transitions;
+            total.cache_entries += round.cache_entries;
+            if round.events < PRUNE_EVENTS_PER_TRANSACTION as u64 {
+                return Ok(total);
+            }
+        }
     }
 
     /// The API keys in force.

@@ -95,6 +95,44 @@ impl Page {
     }
 }
 
+/// A page of a run's state history, oldest first: the token names the
+/// last history row of the previous page, so later pages stay exact while
+/// states are appended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    pub size: u32,
+    /// The history row the page starts after.
+    pub after: Option<i64>,
+}
+
+impl HistoryPage {
+    /// 0 means the default size; the limits are those of the other lists.
+    pub fn new(size: i32, token: &str) -> Result<Self, (&'static str, String)> {
+        let Page { size, .. } = Page::new(size, "")?;
+        let after =
+            if token.is_empty() {
+                None
+            } else {
+                Some(Self::row_from_token(token).ok_or_else(|| {
+                    ("page_token", "not a page token from this server".to_owned())
+                })?)
+            };
+        Ok(HistoryPage { size, after })
+    }
+
+    pub(crate) fn token(row: i64) -> String {
+        URL_SAFE_NO_PAD.encode(format!("v1:state:{row}"))
+    }
+
+    fn row_from_token(token: &str) -> Option<i64> {
+        let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()?;
+        raw.strip_prefix("v1:state:")?
+            .parse()
+            .ok()
+            .filter(|row| *row > 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +149,27 @@ mod tests {
         assert!(Page::new(1001, "").is_err());
         assert!(Page::new(-1, "").is_err());
         assert_eq!(Page::new(0, "").unwrap().size, 50);
+    }
+
+    #[test]
+    fn history_tokens_round_trip_and_are_not_list_tokens() {
+        let page = HistoryPage::new(10, &HistoryPage::token(42)).unwrap();
+        assert_eq!((page.size, page.after), (10, Some(42)));
+        assert_eq!(HistoryPage::new(0, "").unwrap().size, 50);
+        let list_token = Cursor {
+            created_at: 1,
+            id: uuid::Uuid::now_v7().to_string(),
+        }
+        .to_token();
+        assert_eq!(
+            HistoryPage::new(10, &list_token).unwrap_err().0,
+            "page_token"
+        );
+        assert!(Cursor::from_token(&HistoryPage::token(42)).is_err());
+        assert_eq!(HistoryPage::new(1001, "").unwrap_err().0, "page_size");
+        assert_eq!(
+            HistoryPage::new(10, "v1:state:x").unwrap_err().0,
+            "page_token"
+        );
     }
 }

@@ -100,7 +100,21 @@ async fn hot_queries_use_indexes() {
         ("timed-out paused task runs", sql::EXPIRED_PAUSED_TASK_RUNS),
         ("cache entry", sql::CACHE_ENTRY),
         ("retention cutoff", sql::FIRST_EVENT_KEPT),
+        ("expired cache entries", sql::EXPIRED_CACHE_ENTRIES),
+        (
+            "finished runs whose last event goes",
+            sql::CLOSED_RUNS_IN_RANGE,
+        ),
+        ("history of finished runs", sql::PRUNE_CLOSED_STATES),
+        (
+            "transitions of finished runs",
+            sql::PRUNE_CLOSED_TRANSITIONS,
+        ),
     ];
+    sqlx::query(sql::CREATE_CLOSED_RUNS)
+        .execute(&mut conn)
+        .await
+        .unwrap();
     let all = named.iter().map(|(n, q)| (*n, q.to_string())).chain(lists);
     for (name, query) in all {
         let steps = plan(&mut conn, &query).await;

@@ -4,8 +4,8 @@ pub(crate) const EXECUTION_BY_ID: &str =
     "SELECT doc, last_seq FROM executions WHERE tenant_id = ? AND id = ?";
 pub(crate) const TASK_RUN_BY_ID: &str =
     "SELECT doc, last_seq FROM task_runs WHERE tenant_id = ? AND id = ?";
-pub(crate) const STATES_OF_RUN: &str =
-    "SELECT doc FROM states WHERE tenant_id = ? AND run_id = ? ORDER BY rowid";
+pub(crate) const STATES_OF_RUN: &str = "SELECT rowid, doc FROM states \
+     WHERE tenant_id = ? AND run_id = ? AND rowid > ? ORDER BY rowid LIMIT ?";
 pub(crate) const TASK_RUNS_OF_EXECUTION: &str =
     "SELECT doc, last_seq FROM task_runs WHERE execution_id = ? ORDER BY created_at, id";
 pub(crate) const EVENTS_OF_TENANT: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload \
@@ -28,3 +28,39 @@ pub(crate) const CACHE_ENTRY: &str =
     "SELECT output, expiration FROM cache_entries WHERE tenant_id = ? AND cache_key = ?";
 pub(crate) const FIRST_EVENT_KEPT: &str =
     "SELECT seq FROM events WHERE occurred_at >= ? ORDER BY seq LIMIT 1";
+pub(crate) const EXPIRED_CACHE_ENTRIES: &str = "DELETE FROM cache_entries WHERE expiration <= ?";
+pub(crate) const CREATE_CLOSED_RUNS: &str =
+    "CREATE TEMP TABLE IF NOT EXISTS closed_runs (id TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID";
+/// Finished runs (terminal or deleted) whose last event is in the range
+/// of the log being removed: ?1 < seq <= ?2.
+pub(crate) const CLOSED_RUNS_IN_RANGE: &str = "INSERT OR IGNORE INTO temp.closed_runs (id) \
+     SELECT id FROM executions WHERE id IN \
+         (SELECT execution_id FROM events WHERE seq > ?1 AND seq <= ?2) \
+       AND last_seq <= ?2 AND (state_type IN (4, 5, 6, 7) OR deleted_at IS NOT NULL) \
+     UNION ALL \
+     SELECT id FROM task_runs WHERE id IN \
+         (SELECT task_run_id FROM events WHERE seq > ?1 AND seq <= ?2) \
+       AND last_seq <= ?2 AND (state_type IN (4, 5, 6, 7) OR deleted_at IS NOT NULL)";
+/// The history rows of closed runs, but for each run's current state.
+pub(crate) const PRUNE_CLOSED_STATES: &str = "DELETE FROM states \
+     WHERE run_id IN (SELECT id FROM temp.closed_runs) \
+       AND rowid < (SELECT MAX(kept.rowid) FROM states AS kept WHERE kept.run_id = states.run_id)";
+pub(crate) const PRUNE_CLOSED_TRANSITIONS: &str =
+    "DELETE FROM transitions WHERE run_id IN (SELECT id FROM temp.closed_runs)";
+
+#[cfg(test)]
+mod tests {
+    use crate::domain::StateType;
+
+    /// The retention queries name the terminal state types by code.
+    #[test]
+    fn terminal_codes_are_those_retention_names() {
+        let terminal: Vec<i64> = StateType::ALL
+            .iter()
+            .filter(|t| t.is_terminal())
+            .map(|t| t.code())
+            .collect();
+        assert_eq!(terminal, [4, 5, 6, 7]);
+        assert!(super::CLOSED_RUNS_IN_RANGE.contains("state_type IN (4, 5, 6, 7)"));
+    }
+}

@@ -5,14 +5,21 @@
 //! recently wrote or read, then from the database. The writer is the only
 //! one writing runs, so a cached run is always its latest version.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::Arc,
+};
 
 use lru::LruCache;
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
+mod retention;
+
+pub use retention::Pruned;
+
 use super::{rows, sql};
 use crate::{
-    Result,
+    Error, Result,
     domain::{Event, Execution, ExecutionId, State, TaskRun, TaskRunId, Timestamp},
     stream::LoggedEvent,
 };
@@ -62,10 +69,18 @@ pub struct WriteTx<'c> {
     /// Changes made since the current operation began.
     pub(super) writes_in_op: usize,
     /// Whether lookups by idempotency key also ask the database. A batch of
-    /// several operations skips that round trip per operation: the unique
-    /// indexes still refuse a duplicate at flush, and the writer then
-    /// retries the batch one operation at a time, carefully.
+    /// several operations skips that round trip per operation: a new run
+    /// whose key turns out to be stored already is withdrawn at flush (see
+    /// `flush`), and the operations that made or found it run again,
+    /// carefully, in the same transaction.
     pub(super) careful: bool,
+    /// The operation running now, by its place in the batch.
+    pub(super) op: usize,
+    /// Runs each operation wrote or found by idempotency key: (id, op).
+    touched: Vec<(String, usize)>,
+    /// Operations to run again because a run they made or found was
+    /// withdrawn.
+    rerun: BTreeSet<usize>,
 }
 
 impl<'c> WriteTx<'c> {
@@ -85,7 +100,15 @@ impl<'c> WriteTx<'c> {
             published: Vec::new(),
             writes_in_op: 0,
             careful: true,
+            op: 0,
+            touched: Vec::new(),
+            rerun: BTreeSet::new(),
         }
+    }
+
+    /// The operations to run again, in batch order; see `careful`.
+    pub(super) fn take_rerun(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.rerun).into_iter().collect()
     }
 
     /// The events written and the runs to remember once committed.
@@ -163,6 +186,7 @@ impl<'c> WriteTx<'c> {
             _ => None,
         });
         if let Some((e, hash)) = in_batch {
+            self.touched.push((e.id.to_string(), self.op));
             let hash = match hash {
                 Some(h) => h,
                 None => self.request_hash(&e.id.to_string()).await?,
@@ -216,6 +240,7 @@ impl<'c> WriteTx<'c> {
 
     fn remember(&mut self, id: String, run: CachedRun, last_seq: i64, request_hash: Option<&str>) {
         self.writes_in_op += 1;
+        self.touched.push((id.clone(), self.op));
         match self.overlay.get_mut(&id) {
             Some(p) => {
                 if !self.dirty.contains(&id) {
@@ -281,6 +306,9 @@ impl<'c> WriteTx<'c> {
             }
             _ => None,
         });
+        if let Some(t) = &in_batch {
+            self.touched.push((t.id.to_string(), self.op));
+        }
         if in_batch.is_some() || !ask_database {
             return Ok(in_batch);
         }
@@ -496,47 +524,77 @@ impl<'c> WriteTx<'c> {
         Ok(seq)
     }
 
-    /// Removes events that occurred before `cutoff` and raises the
-    /// compaction mark. Returns how many were removed.
-    pub(crate) async fn prune_events(&mut self, cutoff: Timestamp) -> Result<u64> {
-        self.flush().await?;
-        // Sequence order is time order: the old events are a prefix of the
-        // log, ending just before the first event that is not old; finding
-        // it walks only the events about to go.
-        let first_kept: Option<i64> = sqlx::query_scalar(sql::FIRST_EVENT_KEPT)
-            .bind(cutoff.as_micros())
-            .fetch_optional(&mut *self.conn)
-            .await?;
-        let max: Option<i64> = match first_kept {
-            Some(seq) => Some(seq - 1),
-            None => {
-                sqlx::query_scalar("SELECT MAX(seq) FROM events")
-                    .fetch_one(&mut *self.conn)
-                    .await?
+    /// Takes back new runs that could not be inserted (see `flush`): their
+    /// overlay entries, history rows and events. Later events are numbered
+    /// down so that the log has no hole.
+    fn withdraw(&mut self, ids: &HashSet<String>) -> Result<()> {
+        if self.careful {
+            // Careful lookups ask the database: nothing should conflict.
+            return Err(Error::Internal(
+                "a new run conflicts with a stored one".into(),
+            ));
+        }
+        for id in ids {
+            self.overlay.remove(id);
+        }
+        self.dirty.retain(|id| !ids.contains(id));
+        self.states.retain(|(_, run_id, _)| !ids.contains(run_id));
+        let mut gone = Vec::new();
+        self.events.retain(|e| {
+            let l = &e.logged;
+            let run = l.task_run_id.as_ref().unwrap_or(&l.execution_id);
+            let keep = !ids.contains(run);
+            if !keep {
+                gone.push(l.seq);
             }
+            keep
+        });
+        for (id, op) in &self.touched {
+            if ids.contains(id) {
+                self.rerun.insert(*op);
+            }
+        }
+        let Some(&first) = gone.first() else {
+            return Ok(());
         };
-        let compacted: i64 =
-            sqlx::query_scalar("SELECT value FROM counters WHERE name = 'compacted_seq'")
-                .fetch_one(&mut *self.conn)
-                .await?;
-        let Some(max) = max.filter(|m| *m > compacted) else {
-            return Ok(0);
-        };
-        self.writes_in_op += 1;
-        let removed = sqlx::query("DELETE FROM events WHERE seq <= ?")
-            .bind(max)
-            .execute(&mut *self.conn)
-            .await?
-            .rows_affected();
-        sqlx::query("UPDATE counters SET value = MAX(value, ?) WHERE name = 'compacted_seq'")
-            .bind(max)
-            .execute(&mut *self.conn)
-            .await?;
-        Ok(removed)
+        // The withdrawn events are pending, so every later event is too.
+        let renumber = |seq: i64| seq - gone.partition_point(|g| *g < seq) as i64;
+        let mut renumbered = HashMap::new();
+        for e in &mut self.events {
+            let seq = e.logged.seq;
+            if seq > first {
+                let logged = Arc::new(e.logged.with_seq(renumber(seq)));
+                e.payload = logged.payload();
+                e.logged = Arc::clone(&logged);
+                renumbered.insert(seq, logged);
+            }
+        }
+        self.published
+            .retain(|l| gone.binary_search(&l.seq).is_err());
+        for l in &mut self.published {
+            if let Some(new) = renumbered.remove(&l.seq) {
+                *l = new;
+            }
+        }
+        for p in self.overlay.values_mut() {
+            if p.last_seq > first {
+                p.last_seq = renumber(p.last_seq);
+            }
+        }
+        self.next_seq -= gone.len() as i64;
+        Ok(())
     }
 
     /// Writes everything pending: executions before the task runs that
     /// reference them, then history rows and events.
+    ///
+    /// A new run whose idempotency key (request_id, or task key and
+    /// dynamic key) is already stored is not inserted: it is withdrawn with
+    /// its history rows and events, the events after it take the numbers
+    /// freed (the log stays dense), and the operations that made or found it
+    /// are marked to run again; run carefully, they find the stored run.
+    /// An operation that creates a run writes nothing else, so running it
+    /// again repeats nothing.
     pub(super) async fn flush(&mut self) -> Result<()> {
         let dirty = std::mem::take(&mut self.dirty);
         let (mut executions, mut task_runs) = (Vec::new(), Vec::new());
@@ -557,6 +615,7 @@ impl<'c> WriteTx<'c> {
                 None => {}
             }
         }
+        let mut withdrawn = HashSet::new();
         for chunk in executions.chunks(ROWS_PER_STATEMENT) {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO executions (id, tenant_id, created_at, task_id, state_type, request_id, \
@@ -589,9 +648,13 @@ impl<'c> WriteTx<'c> {
             q.push(
                 " ON CONFLICT (id) DO UPDATE SET state_type = excluded.state_type, \
                  deleted_at = excluded.deleted_at, last_seq = excluded.last_seq, doc = excluded.doc, \
-                 pause_deadline = excluded.pause_deadline",
+                 pause_deadline = excluded.pause_deadline ON CONFLICT DO NOTHING",
             );
-            q.build().persistent(false).execute(&mut *self.conn).await?;
+            let written = q.build().persistent(false).execute(&mut *self.conn).await?;
+            if written.rows_affected() < chunk.len() as u64 {
+                let ids = chunk.iter().map(|p| run_id(&p.run)).collect();
+                withdrawn.extend(not_stored(&mut *self.conn, "executions", ids).await?);
+            }
         }
         for chunk in task_runs.chunks(ROWS_PER_STATEMENT) {
             let mut q = QueryBuilder::<Sqlite>::new(
@@ -627,9 +690,16 @@ impl<'c> WriteTx<'c> {
                 " ON CONFLICT (id) DO UPDATE SET state_type = excluded.state_type, \
                  stale = excluded.stale, deleted_at = excluded.deleted_at, \
                  last_seq = excluded.last_seq, doc = excluded.doc, \
-                 pause_deadline = excluded.pause_deadline",
+                 pause_deadline = excluded.pause_deadline ON CONFLICT DO NOTHING",
             );
-            q.build().persistent(false).execute(&mut *self.conn).await?;
+            let written = q.build().persistent(false).execute(&mut *self.conn).await?;
+            if written.rows_affected() < chunk.len() as u64 {
+                let ids = chunk.iter().map(|p| run_id(&p.run)).collect();
+                withdrawn.extend(not_stored(&mut *self.conn, "task_runs", ids).await?);
+            }
+        }
+        if !withdrawn.is_empty() {
+            self.withdraw(&withdrawn)?;
         }
         let states = std::mem::take(&mut self.states);
         for chunk in states.chunks(ROWS_PER_STATEMENT) {
@@ -670,6 +740,37 @@ impl<'c> WriteTx<'c> {
         }
         Ok(())
     }
+}
+
+/// A run's id.
+fn run_id(run: &CachedRun) -> String {
+    match run {
+        CachedRun::Execution(e) => e.id.to_string(),
+        CachedRun::TaskRun(t) => t.id.to_string(),
+    }
+}
+
+/// Which of `ids` `table` does not hold.
+async fn not_stored(
+    conn: &mut SqliteConnection,
+    table: &'static str,
+    ids: Vec<String>,
+) -> Result<Vec<String>> {
+    let mut q = QueryBuilder::<Sqlite>::new("SELECT id FROM ");
+    q.push(table).push(" WHERE id IN (");
+    let mut list = q.separated(", ");
+    for id in &ids {
+        list.push_bind(id.clone());
+    }
+    list.push_unseparated(")");
+    let stored: HashSet<String> = q
+        .build_query_scalar()
+        .persistent(false)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(ids.into_iter().filter(|id| !stored.contains(id)).collect())
 }
 
 /// The pause deadline the sweeper watches, while the run is PAUSED.

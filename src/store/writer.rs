@@ -9,7 +9,15 @@
 //! rolls back, its caller gets INTERNAL and the writer carries on.
 
 use std::{
-    any::Any, future::Future, num::NonZeroUsize, panic::AssertUnwindSafe, pin::Pin, sync::Arc,
+    any::Any,
+    future::Future,
+    num::NonZeroUsize,
+    panic::AssertUnwindSafe,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use futures::FutureExt;
@@ -51,7 +59,8 @@ pub(crate) trait WriteOp: Send {
 }
 
 /// An operation made from a closure that may run more than once (a batch
-/// that fails is retried one operation at a time).
+/// that fails is retried one operation at a time, and an operation that
+/// met a stored idempotency key runs again).
 pub(crate) struct ClosureOp<T, F> {
     f: F,
     answer: Option<Result<T>>,
@@ -175,18 +184,40 @@ where
     Ok(WriterTask { finished })
 }
 
+/// Counts of the writer's work, readable while the service runs.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    commits: AtomicU64,
+    batches_retried: AtomicU64,
+}
+
+impl WriterStats {
+    /// Transactions committed.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Batches that failed as a whole and were retried one operation per
+    /// transaction.
+    pub fn batches_retried(&self) -> u64 {
+        self.batches_retried.load(Ordering::Relaxed)
+    }
+}
+
 /// Runs until every sender is gone, then returns after the last commit.
 pub(crate) async fn run(
     mut conn: SqliteConnection,
     mut rx: mpsc::Receiver<BoxedOp>,
     feed: Feed,
     mut next_seq: i64,
+    stats: Arc<WriterStats>,
 ) {
     let mut cache = RunCache::new(NonZeroUsize::new(CACHED_RUNS).expect("non-zero"));
     let mut batch: Vec<BoxedOp> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         match commit(&mut conn, &mut cache, &mut batch, next_seq).await {
             Ok(events) => {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
                 next_seq += events.len() as i64;
                 feed.publish(events);
                 for op in batch.drain(..) {
@@ -195,10 +226,12 @@ pub(crate) async fn run(
             }
             Err(e) => {
                 warn!(error = %e, ops = batch.len(), "batch failed; retrying its operations one by one");
+                stats.batches_retried.fetch_add(1, Ordering::Relaxed);
                 for op in batch.drain(..) {
                     let mut one = vec![op];
                     match commit(&mut conn, &mut cache, &mut one, next_seq).await {
                         Ok(events) => {
+                            stats.commits.fetch_add(1, Ordering::Relaxed);
                             next_seq += events.len() as i64;
                             feed.publish(events);
                             if let Some(op) = one.pop() {
@@ -272,10 +305,25 @@ async fn commit(
 }
 
 async fn apply_all(tx: &mut WriteTx<'_>, ops: &mut [BoxedOp]) -> Result<()> {
-    for op in ops.iter_mut() {
+    for (i, op) in ops.iter_mut().enumerate() {
+        tx.op = i;
         op.apply(tx).await?;
     }
-    tx.flush().await
+    tx.flush().await?;
+    // Operations whose new run met one already stored under the same
+    // idempotency key run again, carefully, and find the stored run.
+    loop {
+        let rerun = tx.take_rerun();
+        if rerun.is_empty() {
+            return Ok(());
+        }
+        tx.careful = true;
+        for i in rerun {
+            tx.op = i;
+            ops[i].apply(tx).await?;
+        }
+        tx.flush().await?;
+    }
 }
 
 async fn rollback(conn: &mut SqliteConnection) {

@@ -47,6 +47,23 @@ impl LoggedEvent {
         }
     }
 
+    /// The same event under another sequence number.
+    pub(crate) fn with_seq(&self, seq: i64) -> Self {
+        let mut status_event = self.event().clone();
+        status_event.sequence = seq;
+        let (wire, payload_start) = encode_event(&status_event);
+        LoggedEvent {
+            seq,
+            tenant_id: self.tenant_id.clone(),
+            execution_id: self.execution_id.clone(),
+            task_run_id: self.task_run_id.clone(),
+            task_id: self.task_id.clone(),
+            event: OnceLock::from(status_event),
+            wire,
+            payload_start,
+        }
+    }
+
     /// The encoded StatusEvent, as the log stores it.
     pub fn payload(&self) -> Bytes {
         self.wire.slice(self.payload_start..)
