@@ -1,5 +1,22 @@
 use std::fmt;
 
+/// How many characters of a client's own text an error message quotes.
+pub const QUOTE_CHARS: usize = 48;
+
+/// `s` quoted for an error message: whole when short, otherwise its first
+/// [`QUOTE_CHARS`] characters and its length. Messages travel in response
+/// headers, which are small; a client's text may be megabytes.
+pub fn quote(s: &str) -> String {
+    match s.char_indices().nth(QUOTE_CHARS) {
+        None => format!("{s:?}"),
+        Some((end, _)) => format!(
+            "{:?} ({} characters)",
+            format!("{}...", &s[..end]),
+            s.chars().count()
+        ),
+    }
+}
+
 /// One invalid field of a request: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
@@ -68,5 +85,23 @@ impl fmt::Display for Violations {
             write!(f, "{}: {}", v.field, v.description)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_are_short() {
+        assert_eq!(quote("abc"), "\"abc\"");
+        let long = "é".repeat(200_000);
+        let q = quote(&long);
+        assert!(q.len() < 200, "{q}");
+        assert!(q.ends_with("(200000 characters)"), "{q}");
+        assert!(
+            q.starts_with(&format!("\"{}...\"", "é".repeat(QUOTE_CHARS))),
+            "{q}"
+        );
     }
 }

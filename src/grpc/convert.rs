@@ -323,6 +323,33 @@ mod tests {
         assert!(from_value(&nan).is_err());
     }
 
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,200}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 200, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::from),
+                prop::collection::btree_map(".{0,150}", inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_domain_knows_the_encoded_length_of_a_value(v in any_json()) {
+            use prost::Message;
+            proptest::prop_assert_eq!(crate::domain::json::encoded_len(&v), value(&v).encoded_len());
+        }
+    }
+
     #[test]
     fn timestamps_round_trip_and_reject_out_of_range() {
         let t = Timestamp::from_micros(1_700_000_000_123_456);

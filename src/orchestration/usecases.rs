@@ -13,7 +13,7 @@ use crate::{
     domain::{
         Caller, EffectiveConfig, ErrorInfo, Event, EventKind, Execution, ExecutionId, NewExecution,
         NewTaskRun, Resource, RunCore, SYSTEM_ACTOR, State, StateProposal, StateType, TaskRun,
-        TaskRunId, Timestamp, Violations,
+        TaskRunId, Timestamp, Violations, json,
         template::{self, Resolution, Upstream},
     },
     store::{Cursor, ExecutionFilter, Page, Store, TaskRunFilter, WriteTx},
@@ -675,7 +675,11 @@ async fn task_context(
             runs.retain(|r| r.id != run.id);
             upstreams.insert(key, upstream(&runs));
         }
-        task.templates = Some(template::resolve(&run.input, &upstreams));
+        task.templates = Some(template::resolve(
+            &run.input,
+            &upstreams,
+            json::MAX_ENCODED_BYTES,
+        ));
     }
     Ok(task)
 }
