@@ -10,3 +10,4 @@ mod orchestration;
 mod streams;
 mod tenancy;
 mod validation;
+mod values;

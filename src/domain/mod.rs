@@ -19,7 +19,7 @@ pub use run::{ErrorInfo, RunCore};
 pub use state::{State, StateDetails, StateProposal, StateType};
 pub use task_run::{NewTaskRun, RetryPolicy, TaskRun};
 pub use time::Timestamp;
-pub use violation::{FieldViolation, QUOTE_CHARS, Violations, quote};
+pub use violation::{FieldViolation, QUOTE_CHARS, Violations, prefix, quote};
 
 /// Who makes a call: the tenant whose rows it may touch, and the name its
 /// changes are recorded under (`updated_by`).

@@ -9,11 +9,16 @@ pub const QUOTE_CHARS: usize = 48;
 pub fn quote(s: &str) -> String {
     match s.char_indices().nth(QUOTE_CHARS) {
         None => format!("{s:?}"),
-        Some((end, _)) => format!(
-            "{:?} ({} characters)",
-            format!("{}...", &s[..end]),
-            s.chars().count()
-        ),
+        Some(_) => format!("{:?} ({} characters)", prefix(s), s.chars().count()),
+    }
+}
+
+/// `s` unquoted when short, otherwise its first [`QUOTE_CHARS`]
+/// characters and "...": for client text inside a field name.
+pub fn prefix(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(QUOTE_CHARS) {
+        None => s.into(),
+        Some((end, _)) => format!("{}...", &s[..end]).into(),
     }
 }
 

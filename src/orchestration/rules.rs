@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    ErrorInfo, RetryPolicy, RunCore, State, StateId, StateProposal, StateType, Timestamp,
+    ErrorInfo, RetryPolicy, RunCore, State, StateId, StateProposal, StateType, Timestamp, prefix,
     template::Resolution,
 };
 
@@ -125,7 +125,8 @@ pub fn decide(current: &State, proposal: &Proposal, ctx: &Context) -> Decision {
         return Decision::Reject {
             reason: format!(
                 "expected state {expected}, but the run is in state {} ({})",
-                current.id, current.name
+                current.id,
+                prefix(&current.name)
             ),
         };
     }

@@ -13,7 +13,7 @@ use crate::{
     domain::{
         Caller, EffectiveConfig, ErrorInfo, Event, EventKind, Execution, ExecutionId, NewExecution,
         NewTaskRun, Resource, RunCore, SYSTEM_ACTOR, State, StateProposal, StateType, TaskRun,
-        TaskRunId, Timestamp, Violations, json,
+        TaskRunId, Timestamp, Violations, json, prefix, quote,
         template::{self, Resolution, Upstream},
     },
     store::{Cursor, ExecutionFilter, Page, Store, TaskRunFilter, WriteTx},
@@ -214,7 +214,7 @@ impl Ledger {
                     if !matches!(st, StateType::Completed | StateType::Failed) {
                         return Err(Error::FailedPrecondition(format!(
                             "task run {id} is {}; only a COMPLETED or FAILED task run can be marked stale",
-                            run.run.state.name
+                            prefix(&run.run.state.name)
                         )));
                     }
                     if !run.stale {
@@ -309,7 +309,8 @@ async fn create_execution(
             Ok((existing, false))
         } else {
             Err(Error::AlreadyExists(format!(
-                "request_id {request_id:?} was already used for execution {} with a different request",
+                "request_id {} was already used for execution {} with a different request",
+                quote(request_id),
                 existing.id
             )))
         };
@@ -426,7 +427,8 @@ async fn may_add_task_run(
     if exec_state.is_terminal() || exec_state == StateType::Cancelling {
         return Err(Error::FailedPrecondition(format!(
             "execution {} is {}; it takes no new task runs",
-            exec.id, exec.run.state.name
+            exec.id,
+            prefix(&exec.run.state.name)
         )));
     }
     if exec.run.deleted_at.is_some() {
@@ -716,7 +718,7 @@ async fn cancel_execution(
     if st.is_terminal() {
         return Err(Error::FailedPrecondition(format!(
             "execution {id} is already {}; only a run that has not ended can be cancelled",
-            exec.run.state.name
+            prefix(&exec.run.state.name)
         )));
     }
     let now = tx.now();
@@ -769,7 +771,7 @@ async fn resume_execution(
     if state.state_type != StateType::Paused {
         return Err(Error::FailedPrecondition(format!(
             "execution {id} is {}, not PAUSED; only a PAUSED run can be resumed",
-            state.name
+            prefix(&state.name)
         )));
     }
     let now = tx.now();
