@@ -132,3 +132,111 @@ async fn a_huge_malformed_template_is_refused_with_a_short_message() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().len() < 500, "{}", err.message());
 }
+
+async fn fail(app: &TestApp, id: &str) -> pb::SetTaskRunStateResponse {
+    propose(
+        app,
+        id,
+        pb::SetTaskRunStateRequest {
+            state: state(pb::StateType::Failed),
+            error: Some(pb::ErrorInfo {
+                message: "boom".into(),
+                r#type: "IOError".into(),
+                traceback: String::new(),
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+async fn history(app: &TestApp, task_run_id: &str) -> Vec<pb::State> {
+    app.task_runs
+        .clone()
+        .list_states(pb::ListStatesRequest {
+            task_run_id: task_run_id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .states
+}
+
+#[tokio::test]
+async fn a_run_that_completes_after_a_failed_attempt_shows_no_error() {
+    let app = spawn_app().await;
+    let exec = running_execution(&app).await;
+    let t = app
+        .task_runs
+        .clone()
+        .create_task_run(pb::CreateTaskRunRequest {
+            execution_id: exec.id.clone(),
+            task_key: "flaky".into(),
+            retry_policy: Some(pb::RetryPolicy {
+                retries: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_run
+        .unwrap();
+    run(&app, &t.id).await;
+    let retry = fail(&app, &t.id).await;
+    assert_eq!(type_of(&retry.state), pb::StateType::Scheduled);
+    assert_eq!(retry.task_run.unwrap().error.unwrap().message, "boom");
+
+    let again = run(&app, &t.id).await;
+    assert_eq!(status(again.status), pb::SetStateStatus::Accept);
+    assert_eq!(again.task_run.unwrap().error, None);
+    let done = complete(&app, &t.id, serde_json::json!({"ok": true})).await;
+    assert_eq!(done.error, None, "a COMPLETED run has no error");
+    let fetched = app
+        .task_runs
+        .clone()
+        .get_task_run(pb::GetTaskRunRequest { id: t.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_run
+        .unwrap();
+    assert_eq!(fetched.error, None);
+
+    // The failed attempt is still in the history, with its error.
+    let states = history(&app, &t.id).await;
+    let attempt = states
+        .iter()
+        .find(|s| s.name == "AwaitingRetry")
+        .expect("the failed attempt's state");
+    assert_eq!(attempt.message, "boom");
+
+    // Out of retries the run is FAILED with its error, and a forced
+    // completion clears it while the FAILED state keeps it.
+    let other = task_run_with(&app, &exec.id, "once", serde_json::json!({})).await;
+    run(&app, &other.id).await;
+    let failed = fail(&app, &other.id).await;
+    assert_eq!(type_of(&failed.state), pb::StateType::Failed);
+    assert_eq!(failed.task_run.unwrap().error.unwrap().r#type, "IOError");
+    let forced = propose(
+        &app,
+        &other.id,
+        pb::SetTaskRunStateRequest {
+            state: state(pb::StateType::Completed),
+            force: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(forced.task_run.unwrap().error, None);
+    let states = history(&app, &other.id).await;
+    let failed_state = states
+        .iter()
+        .find(|s| s.r#type == pb::StateType::Failed as i32)
+        .expect("the FAILED state");
+    assert_eq!(failed_state.message, "boom");
+}
