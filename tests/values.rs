@@ -240,3 +240,169 @@ async fn a_run_that_completes_after_a_failed_attempt_shows_no_error() {
         .expect("the FAILED state");
     assert_eq!(failed_state.message, "boom");
 }
+
+async fn get(app: &TestApp, id: &str) -> pb::TaskRun {
+    app.task_runs
+        .clone()
+        .get_task_run(pb::GetTaskRunRequest { id: id.into() })
+        .await
+        .expect("the run can be read back")
+        .into_inner()
+        .task_run
+        .unwrap()
+}
+
+/// Every event of a task run's stream, from the log (after the first
+/// event of all, which is its execution's), to its end.
+async fn stream_to_end(app: &TestApp, id: &str) -> Vec<pb::StatusEvent> {
+    let mut stream = app
+        .task_runs
+        .clone()
+        .stream_task_run_status(pb::StreamTaskRunStatusRequest {
+            id: id.into(),
+            after_sequence: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(e) = stream.message().await.expect("every event decodes") {
+        events.push(e.event.unwrap());
+    }
+    events
+}
+
+fn template_error(t: &pb::TaskRun) -> String {
+    assert_eq!(
+        pb::StateType::try_from(t.state.as_ref().unwrap().r#type).unwrap(),
+        pb::StateType::Failed
+    );
+    let e = t.error.as_ref().expect("an error");
+    assert_eq!(e.r#type, "TemplateError");
+    e.message.clone()
+}
+
+#[tokio::test]
+async fn a_resolved_input_over_the_value_limit_fails_the_run() {
+    let app = spawn_app().await;
+    let exec = running_execution(&app).await;
+    let big = task_run_with(&app, &exec.id, "big", serde_json::json!({})).await;
+    run(&app, &big.id).await;
+    complete(
+        &app,
+        &big.id,
+        serde_json::json!({ "blob": "x".repeat(200 * 1024) }),
+    )
+    .await;
+
+    let refs: Vec<serde_json::Value> = (0..60)
+        .map(|_| serde_json::json!("{{big.output}}"))
+        .collect();
+    let consumer = task_run_with(&app, &exec.id, "use", serde_json::json!({ "all": refs })).await;
+    let r = run(&app, &consumer.id).await;
+    assert_eq!(status(r.status), pb::SetStateStatus::Reject);
+    let message = template_error(r.task_run.as_ref().unwrap());
+    assert!(message.contains("larger than 1048576 bytes"), "{message}");
+    let t = get(&app, &consumer.id).await;
+    assert_eq!(t.resolved_input, None);
+
+    // A few references fit.
+    let refs: Vec<serde_json::Value> = (0..4)
+        .map(|_| serde_json::json!("{{big.output.blob}}"))
+        .collect();
+    let few = task_run_with(&app, &exec.id, "few", serde_json::json!({ "all": refs })).await;
+    let r = run(&app, &few.id).await;
+    assert_eq!(status(r.status), pb::SetStateStatus::Accept);
+    assert!(get(&app, &few.id).await.resolved_input.is_some());
+}
+
+#[tokio::test]
+async fn a_template_cannot_nest_a_value_deeper_than_a_client_reads() {
+    let app = spawn_app().await;
+    let exec = running_execution(&app).await;
+    // The deepest output accepted: 32 levels.
+    let mut deep = serde_json::json!("leaf");
+    for _ in 1..32 {
+        deep = serde_json::json!({ "d": deep });
+    }
+    let up = task_run_with(&app, &exec.id, "deep", serde_json::json!({})).await;
+    run(&app, &up.id).await;
+    complete(&app, &up.id, deep).await;
+
+    // Placed four levels down, it would be 35 deep.
+    let input = serde_json::json!({"a": {"b": {"c": ["{{deep.output}}"]}}});
+    let consumer = task_run_with(&app, &exec.id, "use", input).await;
+    let r = run(&app, &consumer.id).await;
+    let message = template_error(r.task_run.as_ref().unwrap());
+    assert!(message.contains("more than 32 deep"), "{message}");
+    // The run and its stream read back whole.
+    assert_eq!(get(&app, &consumer.id).await.resolved_input, None);
+    let events = stream_to_end(&app, &consumer.id).await;
+    assert!(!events.is_empty());
+
+    // At the top it fits, and reads back.
+    let whole = task_run_with(
+        &app,
+        &exec.id,
+        "whole",
+        serde_json::json!("{{deep.output}}"),
+    )
+    .await;
+    let r = run(&app, &whole.id).await;
+    assert_eq!(status(r.status), pb::SetStateStatus::Accept);
+    assert!(get(&app, &whole.id).await.resolved_input.is_some());
+    complete(&app, &whole.id, serde_json::json!(1)).await;
+    assert!(!stream_to_end(&app, &whole.id).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_change_that_would_make_a_run_too_large_to_send_is_refused() {
+    let app = spawn_app().await;
+    let exec = running_execution(&app).await;
+    let blob = || serde_json::json!("x".repeat(1_040_000));
+    let t = task_run_with(
+        &app,
+        &exec.id,
+        "large",
+        serde_json::json!({ "blob": blob() }),
+    )
+    .await;
+    run(&app, &t.id).await;
+
+    // Each value is within its own limit; together, with the state sent
+    // twice in the answer, they are over what a client accepts.
+    let too_much = propose(
+        &app,
+        &t.id,
+        pb::SetTaskRunStateRequest {
+            state: Some(pb::StateCreate {
+                r#type: pb::StateType::Completed as i32,
+                message: "\u{1d11e}".repeat(10_000),
+                data: Some(json(blob())),
+                ..Default::default()
+            }),
+            output: Some(json(blob())),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(too_much.code(), Code::InvalidArgument, "{too_much:?}");
+    assert_eq!(violated_fields(&too_much), ["state"]);
+    assert!(too_much.message().len() < 500, "{}", too_much.message());
+    // Nothing changed.
+    let still = get(&app, &t.id).await;
+    assert_eq!(type_of(&still.state), pb::StateType::Running);
+    assert_eq!(still.output, None);
+
+    // Without the extra state data it fits, and every event reads back.
+    let done = complete(&app, &t.id, blob()).await;
+    assert_eq!(type_of(&done.state), pb::StateType::Completed);
+    let events = stream_to_end(&app, &t.id).await;
+    let kinds: Vec<i32> = events.iter().map(|e| e.kind).collect();
+    use pb::EventKind::*;
+    assert_eq!(
+        kinds,
+        [Created as i32, StateChanged as i32, StateChanged as i32]
+    );
+}

@@ -33,12 +33,15 @@ pub fn encoded_len(value: &Value) -> usize {
         Value::Number(_) => 9,
         Value::String(s) => framed(s.len()),
         Value::Array(items) => framed(items.iter().map(|i| framed(encoded_len(i))).sum()),
-        Value::Object(map) => framed(
-            map.iter()
-                .map(|(k, v)| framed(entry_len(k, encoded_len(v))))
-                .sum(),
-        ),
+        Value::Object(map) => framed(struct_len(map)),
     }
+}
+
+/// The length of `map` encoded as a `google.protobuf.Struct`.
+pub fn struct_len(map: &serde_json::Map<String, Value>) -> usize {
+    map.iter()
+        .map(|(k, v)| framed(entry_len(k, encoded_len(v))))
+        .sum()
 }
 
 /// A length-delimited field of `len` bytes with its one-byte tag.

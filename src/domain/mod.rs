@@ -1,6 +1,7 @@
 //! The ledger's vocabulary: ids, states, executions, task runs and events.
 //! Plain data and validated constructors; no I/O.
 
+pub mod document;
 mod event;
 pub mod execution;
 mod ids;

@@ -13,7 +13,7 @@ use crate::{
     domain::{
         Caller, EffectiveConfig, ErrorInfo, Event, EventKind, Execution, ExecutionId, NewExecution,
         NewTaskRun, Resource, RunCore, SYSTEM_ACTOR, State, StateProposal, StateType, TaskRun,
-        TaskRunId, Timestamp, Violations, json, prefix, quote,
+        TaskRunId, Timestamp, Violations, document, json, prefix, quote,
         template::{self, Resolution, Upstream},
     },
     store::{Cursor, ExecutionFilter, Page, Store, TaskRunFilter, WriteTx},
@@ -336,6 +336,11 @@ async fn create_execution(
         request_id: new.request_id.clone(),
         run: RunCore::new(initial, &caller.name),
     };
+    let field = largest(&[
+        ("input", json::struct_len(&execution.input)),
+        ("initial_state", document::state_bytes(&execution.run.state)),
+    ]);
+    ensure_fits(&execution, field)?;
     let seq = record_creation(tx, &execution).await?;
     tx.save_execution(&execution, fingerprint, seq).await?;
     Ok((execution, true))
@@ -409,6 +414,11 @@ async fn create_task_run(
         stale: false,
         run: RunCore::new(initial, &caller.name),
     };
+    let field = largest(&[
+        ("input", json::encoded_len(&run.input)),
+        ("initial_state", document::state_bytes(&run.run.state)),
+    ]);
+    ensure_fits(&run, field)?;
     let seq = record_creation_with(tx, &run, exec.task_id.as_deref()).await?;
     tx.save_task_run(&run, seq).await?;
     Ok((run, true))
@@ -490,6 +500,10 @@ pub(crate) trait Tracked: Send + Sync {
     fn resource(&self) -> Resource<'_>;
     /// Records the input with its templates resolved (task runs only).
     fn set_resolved_input(&mut self, _value: Value, _task_inputs: Vec<TaskRunId>) {}
+    /// An upper bound of the run's encoded size (see `domain::document`).
+    fn document_bytes(&self) -> usize;
+    /// "execution" or "task run", for messages.
+    fn kind(&self) -> &'static str;
     fn save<'a>(
         &'a self,
         tx: &'a mut WriteTx<'_>,
@@ -509,6 +523,12 @@ impl Tracked for Execution {
     }
     fn resource(&self) -> Resource<'_> {
         Resource::Execution(self)
+    }
+    fn document_bytes(&self) -> usize {
+        document::execution_bytes(self)
+    }
+    fn kind(&self) -> &'static str {
+        "execution"
     }
     fn save<'a>(
         &'a self,
@@ -531,6 +551,12 @@ impl Tracked for TaskRun {
     }
     fn resource(&self) -> Resource<'_> {
         Resource::TaskRun(self)
+    }
+    fn document_bytes(&self) -> usize {
+        document::task_run_bytes(self)
+    }
+    fn kind(&self) -> &'static str {
+        "task run"
     }
     fn set_resolved_input(&mut self, value: Value, task_inputs: Vec<TaskRunId>) {
         self.resolved_input = Some(value);
@@ -669,6 +695,7 @@ async fn task_context(
             .map(|(output, expiration)| CacheEntry { output, expiration });
     }
     let keys = template::referenced_keys(&run.input);
+    let keys_len = keys.len();
     if !keys.is_empty() {
         let mut upstreams = BTreeMap::new();
         for key in keys {
@@ -677,13 +704,31 @@ async fn task_context(
             runs.retain(|r| r.id != run.id);
             upstreams.insert(key, upstream(&runs));
         }
+        let room = resolution_room(run, &proposal.state, keys_len);
         task.templates = Some(template::resolve(
             &run.input,
             &upstreams,
-            json::MAX_ENCODED_BYTES,
+            json::MAX_ENCODED_BYTES.min(room),
         ));
     }
     Ok(task)
+}
+
+/// How many encoded bytes the resolved input may take so that the run,
+/// RUNNING in `next` with it and its upstream ids, still fits in a response.
+fn resolution_room(run: &TaskRun, next: &StateProposal, keys: usize) -> usize {
+    let earlier = run
+        .resolved_input
+        .as_ref()
+        .map_or(0, |v| json::encoded_len(v) + 7)
+        + run.task_inputs.len() * 40;
+    let next_state =
+        document::state_parts_bytes(&next.name, &next.message, &next.data, &next.details);
+    let others = run.document_bytes() - earlier - document::state_bytes(&run.run.state)
+        + 2 * next_state
+        + keys * 40
+        + 7;
+    document::MAX_RUN_BYTES.saturating_sub(others)
 }
 
 /// What a task key's runs (newest first) offer a template: the latest
@@ -735,6 +780,7 @@ async fn cancel_execution(
                 Payload::default(),
                 &caller.name,
                 task_id.as_deref(),
+                None,
             )
             .await?;
         }
@@ -748,6 +794,7 @@ async fn cancel_execution(
             Payload::default(),
             &caller.name,
             task_id.as_deref(),
+            None,
         )
         .await?;
     }
@@ -803,6 +850,7 @@ async fn resume_execution(
         Payload::default(),
         &caller.name,
         task_id.as_deref(),
+        Some("run_input"),
     )
     .await?;
     Ok(exec)
@@ -832,6 +880,7 @@ async fn expire_pauses(tx: &mut WriteTx<'_>) -> Result<usize> {
             pause_timeout_error(),
             SYSTEM_ACTOR,
             task_id.as_deref(),
+            None,
         )
         .await?;
         n += 1;
@@ -852,6 +901,7 @@ async fn expire_pauses(tx: &mut WriteTx<'_>) -> Result<usize> {
             pause_timeout_error(),
             SYSTEM_ACTOR,
             exec.task_id.as_deref(),
+            None,
         )
         .await?;
         n += 1;
@@ -878,6 +928,9 @@ fn pause_timeout_error() -> Payload {
 
 /// Rule 11 for a change the rules allowed or the server made: bookkeeping,
 /// a history row, a STATE_CHANGED event and the run itself, together.
+/// A change a client asked for is refused, before anything is written, if
+/// it would make the run too large to send, naming the request's `field`
+/// that brought it; the server's own changes fit in the room kept for them.
 async fn commit_transition<R: Tracked>(
     tx: &mut WriteTx<'_>,
     run: &mut R,
@@ -885,10 +938,14 @@ async fn commit_transition<R: Tracked>(
     payload: Payload,
     actor: &str,
     task_id: Option<&str>,
+    field: Option<&str>,
 ) -> Result<i64> {
     let previous = run.core().state.state_type;
     let occurred_at = next.timestamp;
     rules::apply_accepted(run.core_mut(), next, payload, actor);
+    if let Some(field) = field {
+        ensure_fits(run, field)?;
+    }
     let tenant = run.resource().tenant_id().to_owned();
     tx.append_state(&tenant, &run.run_id(), &run.core().state)
         .await?;
@@ -924,6 +981,52 @@ async fn commit_update<R: Tracked>(
         .await?;
     run.save(tx, seq).await?;
     Ok(seq)
+}
+
+/// Refuses a run that, with its state sent once more beside it, would not
+/// fit in a message a client accepts.
+fn ensure_fits<R: Tracked>(run: &R, field: &str) -> Result<()> {
+    let bytes = document::with_state(run.document_bytes(), &run.core().state);
+    if bytes > document::MAX_RUN_BYTES {
+        return Err(Error::InvalidArgument(Violations::single(
+            field,
+            format!(
+                "the {} would take about {bytes} bytes with this, more than the {} a response may carry; send less",
+                run.kind(),
+                document::MAX_RUN_BYTES
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// The name of the largest part, to name in a refusal.
+fn largest<'a>(parts: &[(&'a str, usize)]) -> &'a str {
+    parts
+        .iter()
+        .max_by_key(|(_, n)| *n)
+        .map_or("state", |(name, _)| name)
+}
+
+/// The field of a state change request that adds the most to a run.
+fn largest_in(proposal: &Proposal) -> &'static str {
+    let s = &proposal.state;
+    let error = proposal.payload.error.as_ref();
+    largest(&[
+        (
+            "state",
+            document::state_parts_bytes(&s.name, &s.message, &s.data, &s.details),
+        ),
+        (
+            "output",
+            proposal
+                .payload
+                .output
+                .as_ref()
+                .map_or(0, json::encoded_len),
+        ),
+        ("error", error.map_or(0, document::error_bytes)),
+    ])
 }
 
 /// Applies the rules to a proposal for `run` and records what they decide.
@@ -964,6 +1067,7 @@ async fn transition<R: Tracked + Clone>(
             retry_after,
         } => (reason.clone(), Some(*retry_after)),
     };
+    let field = largest_in(proposal);
     let changed = match decision {
         Decision::Accept => {
             let next = rules::next_state(&run.core().state, &proposal.state, ctx.now);
@@ -979,6 +1083,7 @@ async fn transition<R: Tracked + Clone>(
                 proposal.payload.clone(),
                 &caller.name,
                 task_id,
+                Some(field),
             )
             .await?;
             true
@@ -991,6 +1096,7 @@ async fn transition<R: Tracked + Clone>(
                 payload,
                 SYSTEM_ACTOR,
                 task_id,
+                Some(field),
             )
             .await?;
             true
