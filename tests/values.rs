@@ -406,3 +406,73 @@ async fn a_change_that_would_make_a_run_too_large_to_send_is_refused() {
         [Created as i32, StateChanged as i32, StateChanged as i32]
     );
 }
+
+#[tokio::test]
+async fn a_logged_event_that_cannot_be_read_is_delivered_as_a_stand_in() {
+    let app = spawn_app().await;
+    let exec = running_execution(&app).await;
+    let t = task_run_with(&app, &exec.id, "t", serde_json::json!({})).await;
+    run(&app, &t.id).await;
+    complete(&app, &t.id, serde_json::json!(1)).await;
+    let dir = app.stop().await;
+
+    // Damage the stored RUNNING event of the task run.
+    let url = format!("sqlite://{}", db_path(dir.path()).display());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let seqs: Vec<i64> =
+        sqlx::query_scalar("SELECT seq FROM events WHERE task_run_id = ? ORDER BY seq")
+            .bind(&t.id)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(seqs.len(), 3);
+    sqlx::query("UPDATE events SET payload = X'FFFFFFFF' WHERE seq = ?")
+        .bind(seqs[1])
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+
+    let app = spawn_in(dir, |_| {}).await;
+    // The run's stream gets past it, to its end.
+    let events = stream_to_end(&app, &t.id).await;
+    let seen: Vec<(i64, i32)> = events.iter().map(|e| (e.sequence, e.kind)).collect();
+    use pb::EventKind::*;
+    assert_eq!(
+        seen,
+        [
+            (seqs[0], Created as i32),
+            (seqs[1], Unspecified as i32),
+            (seqs[2], StateChanged as i32)
+        ]
+    );
+    match &events[1].resource {
+        Some(pb::status_event::Resource::TaskRun(r)) => {
+            assert_eq!((&r.id, &r.execution_id), (&t.id, &exec.id))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A filter that would look inside the event cannot rule it out.
+    let mut sub = app
+        .events
+        .clone()
+        .subscribe(pb::SubscribeRequest {
+            after_sequence: seqs[0],
+            include_task_runs: true,
+            state_types: vec![pb::StateType::Running as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), sub.message())
+        .await
+        .expect("an event")
+        .unwrap()
+        .unwrap()
+        .event
+        .unwrap();
+    assert_eq!((first.sequence, first.kind), (seqs[1], Unspecified as i32));
+}
