@@ -476,3 +476,44 @@ async fn a_logged_event_that_cannot_be_read_is_delivered_as_a_stand_in() {
         .unwrap();
     assert_eq!((first.sequence, first.kind), (seqs[1], Unspecified as i32));
 }
+
+#[tokio::test]
+async fn a_page_of_large_runs_is_cut_to_what_a_client_accepts() {
+    let app = spawn_app().await;
+    let exec = running_execution(&app).await;
+    let mut created = Vec::new();
+    for i in 0..5 {
+        let input = serde_json::json!({ "blob": "x".repeat(1_000_000) });
+        created.push(
+            task_run_with(&app, &exec.id, &format!("t{i}"), input)
+                .await
+                .id,
+        );
+    }
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = app
+            .task_runs
+            .clone()
+            .list_task_runs(pb::ListTaskRunsRequest {
+                execution_id: exec.id.clone(),
+                page_size: 10,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .expect("every page decodes")
+            .into_inner();
+        pages += 1;
+        listed.extend(page.task_runs.into_iter().map(|t| t.id));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert!(pages > 1, "five 1 MB runs take more than one page");
+    created.reverse();
+    assert_eq!(listed, created, "every run once, newest first");
+}

@@ -32,6 +32,9 @@ pub const SERVER_RESERVE: usize = 64 * 1024;
 /// client asks for.
 pub const MAX_RUN_BYTES: usize = CLIENT_MESSAGE_LIMIT - ENVELOPE - SERVER_RESERVE;
 
+/// The most a page of runs may take in one list response.
+pub const MAX_PAGE_BYTES: usize = CLIENT_MESSAGE_LIMIT - ENVELOPE;
+
 /// Generous room for the fixed-size fields of a message (ids, numbers,
 /// timestamps, enums, flags, tags and length prefixes of its fields).
 const FIXED: usize = 1024;
