@@ -449,6 +449,44 @@ mod tests {
     }
 
     #[test]
+    fn the_size_bound_of_an_execution_covers_its_encoding() {
+        use crate::domain::{
+            ConfigOverrides, ConfigProfile, EffectiveConfig, ExecutionId, document,
+        };
+        use prost::Message;
+        let t = full_task_run(&json!({"blob": "y".repeat(50_000), "n": [1, 2]}), "text");
+        let overrides = ConfigOverrides {
+            temperature: Some(0.5),
+            max_tokens: Some(10),
+            model: Some("m".repeat(200)),
+        };
+        let e = Execution {
+            id: ExecutionId::new(),
+            tenant_id: "tenant".into(),
+            task_id: Some("task".repeat(50)),
+            name: "n".repeat(200),
+            input: match t.input.clone() {
+                Value::Object(m) => m,
+                _ => unreachable!(),
+            },
+            goal: Some("g".repeat(10_000)),
+            max_depth: 3,
+            config_profile: ConfigProfile::Fast,
+            effective_config: EffectiveConfig::resolve(ConfigProfile::Fast, &overrides),
+            config_overrides: overrides,
+            metadata: (0..10)
+                .map(|i| (format!("k{i}"), "v".repeat(500)))
+                .collect(),
+            request_id: Some("r".repeat(100)),
+            run: t.run.clone(),
+        };
+        let bound = document::execution_bytes(&e);
+        let actual = execution(&e).encoded_len();
+        assert!(bound >= actual, "{bound} < {actual}");
+        assert!(bound <= actual + 64 * 1024, "{bound} is far above {actual}");
+    }
+
+    #[test]
     fn values_at_the_depth_limit_decode_in_a_default_client() {
         use crate::domain::json::MAX_DEPTH;
         use prost::Message;
