@@ -14,3 +14,4 @@ mod streams;
 mod supervision;
 mod tenancy;
 mod validation;
+mod values;

@@ -185,7 +185,7 @@ pub fn check_string_map(
         let n = v.chars().count();
         if n == 0 || n > MAX_METADATA_VALUE_CHARS {
             violations.add(
-                format!("{field}[{k}]"),
+                format!("{field}[{}]", super::prefix(k)),
                 format!("values must be 1 to {MAX_METADATA_VALUE_CHARS} characters"),
             );
         }

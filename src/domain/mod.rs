@@ -1,6 +1,7 @@
 //! The ledger's vocabulary: ids, states, executions, task runs and events.
 //! Plain data and validated constructors; no I/O.
 
+pub mod document;
 mod event;
 pub mod execution;
 mod ids;
@@ -19,7 +20,7 @@ pub use run::{ErrorInfo, RunCore};
 pub use state::{State, StateDetails, StateProposal, StateType};
 pub use task_run::{NewTaskRun, RetryPolicy, TaskRun};
 pub use time::Timestamp;
-pub use violation::{FieldViolation, Violations};
+pub use violation::{FieldViolation, QUOTE_CHARS, Violations, prefix, quote};
 
 /// Who makes a call: the tenant whose rows it may touch, and the name its
 /// changes are recorded under (`updated_by`).

@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::TaskRunId;
+use super::{TaskRunId, json, quote};
+
+/// The most task keys one input may reference.
+pub const MAX_REFERENCED_KEYS: usize = 1_000;
 
 /// One `{{...}}` reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,12 +49,12 @@ fn parse(s: &str) -> Result<Vec<Piece>, String> {
         let after = &rest[start + 2..];
         let end = after
             .find("}}")
-            .ok_or_else(|| format!("unclosed template in {s:?}"))?;
+            .ok_or_else(|| format!("unclosed template in {}", quote(s)))?;
         pieces.push(Piece::Ref(parse_reference(after[..end].trim())?));
         rest = &after[end + 2..];
     }
     if rest.contains("}}") {
-        return Err(format!("unopened template in {s:?}"));
+        return Err(format!("unopened template in {}", quote(s)));
     }
     if !rest.is_empty() {
         pieces.push(Piece::Text(rest.to_owned()));
@@ -62,7 +65,8 @@ fn parse(s: &str) -> Result<Vec<Piece>, String> {
 fn parse_reference(inner: &str) -> Result<Reference, String> {
     let bad = || {
         format!(
-            "malformed template {{{{{inner}}}}}: expected {{{{task_key.output}}}} or {{{{task_key.output.path}}}}"
+            "malformed template {}: expected {{{{task_key.output}}}} or {{{{task_key.output.path}}}}",
+            quote(&format!("{{{{{inner}}}}}"))
         )
     };
     let mut parts = inner.split('.');
@@ -113,9 +117,15 @@ pub fn validate(input: &Value) -> Result<(), String> {
             if path.is_empty() {
                 e
             } else {
-                format!("at {}: {e}", path.trim_start_matches('.'))
+                format!("at {}: {e}", quote(path.trim_start_matches('.')))
             }
         })?;
+    }
+    let keys = referenced_keys(input).len();
+    if keys > MAX_REFERENCED_KEYS {
+        return Err(format!(
+            "references {keys} task keys; at most {MAX_REFERENCED_KEYS}"
+        ));
     }
     Ok(())
 }
@@ -125,10 +135,11 @@ pub fn referenced_keys(input: &Value) -> Vec<String> {
     let mut all = Vec::new();
     strings(input, String::new(), &mut all);
     let mut keys: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (_, s) in all {
         for piece in parse(s).unwrap_or_default() {
             if let Piece::Ref(r) = piece
-                && !keys.contains(&r.task_key)
+                && seen.insert(r.task_key.clone())
             {
                 keys.push(r.task_key);
             }
@@ -165,103 +176,219 @@ pub enum Resolution {
     Failed { message: String },
 }
 
-/// Resolves every template in `input` against `upstreams`.
-pub fn resolve(input: &Value, upstreams: &BTreeMap<String, Upstream>) -> Resolution {
-    let mut task_inputs = Vec::new();
-    match resolve_value(input, upstreams, &mut task_inputs) {
-        Ok(value) => Resolution::Resolved { value, task_inputs },
-        Err(r) => r,
-    }
-}
-
-fn resolve_value(
-    v: &Value,
+/// Resolves every template in `input` against `upstreams`, within the
+/// limits on any stored value: at most `max_bytes` encoded and
+/// [`json::MAX_DEPTH`] deep. The size is counted while resolving, so an
+/// input that would grow too large fails before it is built.
+pub fn resolve(
+    input: &Value,
     upstreams: &BTreeMap<String, Upstream>,
-    used: &mut Vec<TaskRunId>,
-) -> Result<Value, Resolution> {
-    Ok(match v {
-        Value::String(s) => resolve_string(s, upstreams, used)?,
-        Value::Array(items) => Value::Array(
-            items
-                .iter()
-                .map(|i| resolve_value(i, upstreams, used))
-                .collect::<Result<_, _>>()?,
-        ),
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| Ok((k.clone(), resolve_value(v, upstreams, used)?)))
-                .collect::<Result<_, Resolution>>()?,
-        ),
-        other => other.clone(),
-    })
-}
-
-fn resolve_string(
-    s: &str,
-    upstreams: &BTreeMap<String, Upstream>,
-    used: &mut Vec<TaskRunId>,
-) -> Result<Value, Resolution> {
-    let pieces = parse(s).map_err(|message| Resolution::Failed { message })?;
-    if let [Piece::Ref(r)] = pieces.as_slice() {
-        return lookup(r, upstreams, used);
-    }
-    if !pieces.iter().any(|p| matches!(p, Piece::Ref(_))) {
-        return Ok(Value::String(s.to_owned()));
-    }
-    let mut text = String::new();
-    for p in pieces {
-        match p {
-            Piece::Text(t) => text.push_str(&t),
-            Piece::Ref(r) => match lookup(&r, upstreams, used)? {
-                Value::String(v) => text.push_str(&v),
-                other => text.push_str(&other.to_string()),
-            },
-        }
-    }
-    Ok(Value::String(text))
-}
-
-fn lookup(
-    r: &Reference,
-    upstreams: &BTreeMap<String, Upstream>,
-    used: &mut Vec<TaskRunId>,
-) -> Result<Value, Resolution> {
-    let (id, output) = match upstreams.get(&r.task_key).unwrap_or(&Upstream::Missing) {
-        Upstream::Completed { id, output } => (*id, output),
-        Upstream::InProgress => {
-            return Err(Resolution::Waiting {
-                reference: r.to_string(),
-            });
-        }
-        Upstream::EndedOtherwise => {
-            return Err(Resolution::Failed {
-                message: format!("{r}: task {:?} ended without completing", r.task_key),
-            });
-        }
-        Upstream::Missing => {
-            return Err(Resolution::Failed {
-                message: format!(
-                    "{r}: no task run with key {:?} in this execution",
-                    r.task_key
-                ),
-            });
-        }
+    max_bytes: usize,
+) -> Resolution {
+    let mut r = Resolver {
+        upstreams,
+        used: Vec::new(),
+        bytes: 0,
+        max_bytes,
     };
-    let mut at = output;
-    for seg in &r.path {
-        let next = match at {
-            Value::Object(m) => m.get(seg),
-            Value::Array(items) => seg.parse::<usize>().ok().and_then(|i| items.get(i)),
-            _ => None,
-        };
-        at = next.ok_or_else(|| Resolution::Failed {
-            message: format!("{r}: the output has no {seg:?}"),
+    match r.value(input, 1) {
+        Ok((value, _)) => Resolution::Resolved {
+            value,
+            task_inputs: r.used,
+        },
+        Err(e) => e,
+    }
+}
+
+struct Resolver<'a> {
+    upstreams: &'a BTreeMap<String, Upstream>,
+    used: Vec<TaskRunId>,
+    /// The encoded bytes of what has been produced so far: every part of
+    /// the result is counted once, when it is made, so the total at the
+    /// end is the result's exact encoded length.
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl<'a> Resolver<'a> {
+    fn charge(&mut self, n: usize) -> Result<(), Resolution> {
+        self.bytes = self.bytes.saturating_add(n);
+        if self.bytes > self.max_bytes {
+            return Err(self.too_large());
+        }
+        Ok(())
+    }
+
+    fn too_large(&self) -> Resolution {
+        Resolution::Failed {
+            message: format!(
+                "the resolved input would be larger than {} bytes encoded",
+                self.max_bytes
+            ),
+        }
+    }
+
+    /// `v` resolved, at nesting level `depth` (1 at the top), with its
+    /// encoded length.
+    fn value(&mut self, v: &Value, depth: usize) -> Result<(Value, usize), Resolution> {
+        match v {
+            Value::String(s) => self.string(s, depth),
+            Value::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                let mut body = 0;
+                for item in items {
+                    let (value, n) = self.value(item, depth + 1)?;
+                    let field = json::framed(n);
+                    self.charge(field - n)?;
+                    body += field;
+                    out.push(value);
+                }
+                let len = json::framed(body);
+                self.charge(len - body)?;
+                Ok((Value::Array(out), len))
+            }
+            Value::Object(map) => {
+                let mut out = serde_json::Map::new();
+                let mut body = 0;
+                for (k, item) in map {
+                    let (value, n) = self.value(item, depth + 1)?;
+                    let entry = json::framed(json::entry_len(k, n));
+                    self.charge(entry - n)?;
+                    body += entry;
+                    out.insert(k.clone(), value);
+                }
+                let len = json::framed(body);
+                self.charge(len - body)?;
+                Ok((Value::Object(out), len))
+            }
+            other => {
+                let n = json::encoded_len(other);
+                self.charge(n)?;
+                Ok((other.clone(), n))
+            }
+        }
+    }
+
+    fn string(&mut self, s: &str, depth: usize) -> Result<(Value, usize), Resolution> {
+        let pieces = parse(s).map_err(|message| Resolution::Failed { message })?;
+        if let [Piece::Ref(r)] = pieces.as_slice() {
+            let at = self.lookup(r)?;
+            if depth - 1 + json::depth(at) > json::MAX_DEPTH {
+                return Err(Resolution::Failed {
+                    message: format!(
+                        "{} would nest the resolved input more than {} deep",
+                        quote(&r.to_string()),
+                        json::MAX_DEPTH
+                    ),
+                });
+            }
+            let n = json::encoded_len(at);
+            self.charge(n)?;
+            return Ok((at.clone(), n));
+        }
+        // Text, with any references interpolated.
+        let mut text = Vec::new();
+        for p in &pieces {
+            match p {
+                Piece::Text(t) => {
+                    self.charge(t.len())?;
+                    text.extend_from_slice(t.as_bytes());
+                }
+                Piece::Ref(r) => match self.lookup(r)? {
+                    Value::String(v) => {
+                        self.charge(v.len())?;
+                        text.extend_from_slice(v.as_bytes());
+                    }
+                    other => {
+                        let room = self.max_bytes.saturating_sub(self.bytes);
+                        let mut w = Bounded {
+                            out: &mut text,
+                            room,
+                        };
+                        serde_json::to_writer(&mut w, other).map_err(|_| self.too_large())?;
+                        let written = room - w.room;
+                        self.charge(written)?;
+                    }
+                },
+            }
+        }
+        let text = String::from_utf8(text).map_err(|_| Resolution::Failed {
+            message: "the resolved text is not UTF-8".into(),
         })?;
+        let len = json::framed(text.len());
+        self.charge(len - text.len())?;
+        Ok((Value::String(text), len))
     }
-    if !used.contains(&id) {
-        used.push(id);
+
+    fn lookup(&mut self, r: &Reference) -> Result<&'a Value, Resolution> {
+        let upstreams = self.upstreams;
+        let (id, output) = match upstreams.get(&r.task_key).unwrap_or(&Upstream::Missing) {
+            Upstream::Completed { id, output } => (*id, output),
+            Upstream::InProgress => {
+                return Err(Resolution::Waiting {
+                    reference: quote(&r.to_string()),
+                });
+            }
+            Upstream::EndedOtherwise => {
+                return Err(Resolution::Failed {
+                    message: format!(
+                        "{}: task {} ended without completing",
+                        quote(&r.to_string()),
+                        quote(&r.task_key)
+                    ),
+                });
+            }
+            Upstream::Missing => {
+                return Err(Resolution::Failed {
+                    message: format!(
+                        "{}: no task run with key {} in this execution",
+                        quote(&r.to_string()),
+                        quote(&r.task_key)
+                    ),
+                });
+            }
+        };
+        let mut at = output;
+        for seg in &r.path {
+            let next = match at {
+                Value::Object(m) => m.get(seg),
+                Value::Array(items) => seg.parse::<usize>().ok().and_then(|i| items.get(i)),
+                _ => None,
+            };
+            at = next.ok_or_else(|| Resolution::Failed {
+                message: format!(
+                    "{}: the output has no {}",
+                    quote(&r.to_string()),
+                    quote(seg)
+                ),
+            })?;
+        }
+        if !self.used.contains(&id) {
+            self.used.push(id);
+        }
+        Ok(at)
     }
-    Ok(at.clone())
+}
+
+/// A writer that refuses to grow past `room` bytes.
+struct Bounded<'a> {
+    out: &'a mut Vec<u8>,
+    room: usize,
+}
+
+impl std::io::Write for Bounded<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() > self.room {
+            return Err(std::io::Error::other("over the limit"));
+        }
+        self.room -= buf.len();
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -269,6 +396,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    const MAX: usize = json::MAX_ENCODED_BYTES;
 
     fn done(output: Value) -> (TaskRunId, Upstream) {
         let id = TaskRunId::new();
@@ -286,7 +415,7 @@ mod tests {
             "plain": "no templates",
             "num": 3
         });
-        match resolve(&input, &ups) {
+        match resolve(&input, &ups, MAX) {
             Resolution::Resolved { value, task_inputs } => {
                 assert_eq!(value["all"]["name"], "x");
                 assert_eq!(value["second"], json!(2));
@@ -303,18 +432,24 @@ mod tests {
     fn unfinished_missing_and_failed_upstreams() {
         let input = json!({"a": "{{up.output}}"});
         let wait = BTreeMap::from([("up".to_owned(), Upstream::InProgress)]);
-        assert!(matches!(resolve(&input, &wait), Resolution::Waiting { .. }));
-        match resolve(&input, &BTreeMap::new()) {
+        assert!(matches!(
+            resolve(&input, &wait, MAX),
+            Resolution::Waiting { .. }
+        ));
+        match resolve(&input, &BTreeMap::new(), MAX) {
             Resolution::Failed { message } => {
                 assert!(message.contains("{{up.output}}"), "{message}")
             }
             other => panic!("{other:?}"),
         }
         let ended = BTreeMap::from([("up".to_owned(), Upstream::EndedOtherwise)]);
-        assert!(matches!(resolve(&input, &ended), Resolution::Failed { .. }));
+        assert!(matches!(
+            resolve(&input, &ended, MAX),
+            Resolution::Failed { .. }
+        ));
         let (_, up) = done(json!({"a": 1}));
         let ups = BTreeMap::from([("up".to_owned(), up)]);
-        match resolve(&json!("{{up.output.b}}"), &ups) {
+        match resolve(&json!("{{up.output.b}}"), &ups, MAX) {
             Resolution::Failed { message } => assert!(message.contains("{{up.output.b}}")),
             other => panic!("{other:?}"),
         }
@@ -332,7 +467,7 @@ mod tests {
             "{{}}",
         ] {
             let err = validate(&json!({"k": [bad]})).unwrap_err();
-            assert!(err.starts_with("at k[0]"), "{bad}: {err}");
+            assert!(err.starts_with("at \"k[0]\""), "{bad}: {err}");
         }
         validate(&json!({"k": "{{up.output.items.0}} and {{b-2.output}}"})).unwrap();
         assert_eq!(
@@ -341,14 +476,116 @@ mod tests {
         );
     }
 
+    #[test]
+    fn resolution_stops_at_the_size_limit() {
+        let (_, up) = done(json!({"blob": "x".repeat(200 * 1024)}));
+        let ups = BTreeMap::from([("big".to_owned(), up)]);
+        let refs: Vec<Value> = (0..60).map(|_| json!("{{big.output}}")).collect();
+        match resolve(&Value::Array(refs), &ups, MAX) {
+            Resolution::Failed { message } => {
+                assert!(message.contains("larger than 1048576 bytes"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Interpolated text is counted as it grows.
+        let text: Vec<Value> = (0..60).map(|_| json!("a {{big.output}} b")).collect();
+        assert!(matches!(
+            resolve(&Value::Array(text), &ups, MAX),
+            Resolution::Failed { .. }
+        ));
+        let few: Vec<Value> = (0..4).map(|_| json!("{{big.output.blob}}")).collect();
+        assert!(matches!(
+            resolve(&Value::Array(few), &ups, MAX),
+            Resolution::Resolved { .. }
+        ));
+    }
+
+    #[test]
+    fn resolution_stops_at_the_depth_limit() {
+        let mut deep = json!(1);
+        for _ in 0..30 {
+            deep = json!({ "d": deep });
+        }
+        let (_, up) = done(deep);
+        let ups = BTreeMap::from([("deep".to_owned(), up)]);
+        // 31 levels at the top fit; three levels further down do not.
+        assert!(matches!(
+            resolve(&json!("{{deep.output}}"), &ups, MAX),
+            Resolution::Resolved { .. }
+        ));
+        assert!(matches!(
+            resolve(&json!({"a": "{{deep.output}}"}), &ups, MAX),
+            Resolution::Resolved { .. }
+        ));
+        match resolve(&json!({"a": {"b": ["{{deep.output}}"]}}), &ups, MAX) {
+            Resolution::Failed { message } => {
+                assert!(message.contains("more than 32 deep"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn messages_quote_only_a_prefix_of_long_input() {
+        let long = format!("{{{{{}", "k".repeat(200_000));
+        let err = validate(&json!({ "x": long })).unwrap_err();
+        assert!(err.len() < 300, "{err}");
+        let key = "k".repeat(100_000);
+        let err = validate(&json!({ key.clone(): "{{a}}" })).unwrap_err();
+        assert!(err.len() < 400, "{err}");
+        let reference = Value::String(format!("{{{{{key}.output.{key}}}}}"));
+        match resolve(&reference, &BTreeMap::new(), MAX) {
+            Resolution::Failed { message } => assert!(message.len() < 300, "{message}"),
+            other => panic!("{other:?}"),
+        }
+        let many: Vec<Value> = (0..=MAX_REFERENCED_KEYS)
+            .map(|i| json!(format!("{{{{k{i}.output}}}}")))
+            .collect();
+        assert!(validate(&Value::Array(many)).is_err());
+    }
+
+    fn any_output() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i32>().prop_map(Value::from),
+            "[a-z{}.é]{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map("[a-z]{0,3}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
     proptest! {
+        /// The size counted while resolving is the result's exact encoded
+        /// length: a limit of exactly that passes, one byte less fails.
+        #[test]
+        fn the_counted_size_is_exact(output in any_output(), input in any_output()) {
+            let (_, up) = done(output);
+            let ups = BTreeMap::from([("u".to_owned(), up)]);
+            let input = json!({"whole": "{{u.output}}", "text": "<{{u.output}}>", "rest": input});
+            if let Resolution::Resolved { value, .. } = resolve(&input, &ups, MAX) {
+                let n = json::encoded_len(&value);
+                let exact = resolve(&input, &ups, n);
+                let fits = matches!(exact, Resolution::Resolved { .. });
+                prop_assert!(fits);
+                let short = resolve(&input, &ups, n - 1);
+                let fails = matches!(short, Resolution::Failed { .. });
+                prop_assert!(fails);
+            }
+        }
+
         #[test]
         fn parsing_never_panics_and_validated_inputs_resolve_or_explain(s in ".{0,64}") {
             let v = Value::String(s);
             if validate(&v).is_ok() {
                 // With no upstreams every reference is missing: Failed, or
                 // Resolved when there is none.
-                let r = resolve(&v, &BTreeMap::new());
+                let r = resolve(&v, &BTreeMap::new(), MAX);
                 let waiting = matches!(r, Resolution::Waiting { .. });
                 prop_assert!(!waiting);
             }
@@ -358,7 +595,7 @@ mod tests {
         fn strings_without_braces_are_unchanged(s in "[^{}]{0,64}") {
             let v = Value::String(s);
             prop_assert!(validate(&v).is_ok());
-            prop_assert_eq!(resolve(&v, &BTreeMap::new()), Resolution::Resolved { value: v.clone(), task_inputs: vec![] });
+            prop_assert_eq!(resolve(&v, &BTreeMap::new(), MAX), Resolution::Resolved { value: v.clone(), task_inputs: vec![] });
         }
     }
 }

@@ -1,5 +1,27 @@
 use std::fmt;
 
+/// How many characters of a client's own text an error message quotes.
+pub const QUOTE_CHARS: usize = 48;
+
+/// `s` quoted for an error message: whole when short, otherwise its first
+/// [`QUOTE_CHARS`] characters and its length. Messages travel in response
+/// headers, which are small; a client's text may be megabytes.
+pub fn quote(s: &str) -> String {
+    match s.char_indices().nth(QUOTE_CHARS) {
+        None => format!("{s:?}"),
+        Some(_) => format!("{:?} ({} characters)", prefix(s), s.chars().count()),
+    }
+}
+
+/// `s` unquoted when short, otherwise its first [`QUOTE_CHARS`]
+/// characters and "...": for client text inside a field name.
+pub fn prefix(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(QUOTE_CHARS) {
+        None => s.into(),
+        Some((end, _)) => format!("{}...", &s[..end]).into(),
+    }
+}
+
 /// One invalid field of a request: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
@@ -68,5 +90,23 @@ impl fmt::Display for Violations {
             write!(f, "{}: {}", v.field, v.description)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_are_short() {
+        assert_eq!(quote("abc"), "\"abc\"");
+        let long = "é".repeat(200_000);
+        let q = quote(&long);
+        assert!(q.len() < 200, "{q}");
+        assert!(q.ends_with("(200000 characters)"), "{q}");
+        assert!(
+            q.starts_with(&format!("\"{}...\"", "é".repeat(QUOTE_CHARS))),
+            "{q}"
+        );
     }
 }

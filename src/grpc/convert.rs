@@ -323,6 +323,200 @@ mod tests {
         assert!(from_value(&nan).is_err());
     }
 
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,200}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 200, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::from),
+                prop::collection::btree_map(".{0,150}", inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_domain_knows_the_encoded_length_of_a_value(v in any_json()) {
+            use prost::Message;
+            proptest::prop_assert_eq!(crate::domain::json::encoded_len(&v), value(&v).encoded_len());
+        }
+    }
+
+    /// A task run with every field set, its values `value`.
+    fn full_task_run(value: &Value, text: &str) -> TaskRun {
+        use crate::domain::{ExecutionId, RetryPolicy, StateProposal, TaskRunId};
+        let mut state = StateProposal::of_type(StateType::Running);
+        state.message = text.into();
+        state.data = Some(value.clone());
+        state.details.cache_key = Some(text.into());
+        state.details.pause_key = Some(text.into());
+        state.details.transition_id = Some(text.into());
+        state.details.run_input_keyset = [(text.to_owned(), text.to_owned())].into();
+        state.details.scheduled_time = Some(Timestamp::now());
+        let mut run = RunCore::new(state.into_state(Timestamp::now()), text);
+        run.output = Some(value.clone());
+        run.error = Some(ErrorInfo {
+            message: text.into(),
+            error_type: text.into(),
+            traceback: text.into(),
+        });
+        run.start_time = Some(Timestamp::now());
+        run.end_time = Some(Timestamp::now());
+        run.expected_start_time = Some(Timestamp::now());
+        run.deleted_at = Some(Timestamp::now());
+        TaskRun {
+            id: TaskRunId::new(),
+            tenant_id: text.into(),
+            execution_id: ExecutionId::new(),
+            parent_task_run_id: Some(TaskRunId::new()),
+            depth: 3,
+            task_key: text.into(),
+            dynamic_key: text.into(),
+            name: text.into(),
+            task_version: Some(text.into()),
+            cache_key: Some(text.into()),
+            cache_expiration: Some(Timestamp::now()),
+            retry_policy: RetryPolicy {
+                retries: 3,
+                retry_delay_seconds: vec![1.0; 50],
+                retry_jitter_factor: 0.5,
+            },
+            tags: vec![text.to_owned(); 50],
+            labels: (0..10)
+                .map(|i| (format!("{i}{text}"), text.to_owned()))
+                .collect(),
+            input: value.clone(),
+            resolved_input: Some(value.clone()),
+            task_inputs: (0..1000).map(|_| TaskRunId::new()).collect(),
+            stale: true,
+            run,
+        }
+    }
+
+    fn nested(depth: usize) -> Value {
+        let mut v = serde_json::json!("leaf");
+        for _ in 1..depth {
+            v = serde_json::json!({ "k": v });
+        }
+        v
+    }
+
+    #[test]
+    fn the_size_bound_of_a_run_covers_its_encoding() {
+        use crate::domain::document;
+        use prost::Message;
+        for (value, text) in [
+            (json!(null), ""),
+            (json!({"a": [1, "x", {"b": null}]}), "short"),
+            (json!({"blob": "x".repeat(100_000)}), &*"é".repeat(300)),
+        ] {
+            let t = full_task_run(&value, text);
+            let bound = document::task_run_bytes(&t);
+            let actual = task_run(&t).encoded_len();
+            assert!(bound >= actual, "{bound} < {actual}");
+            assert!(bound <= actual + 64 * 1024, "{bound} is far above {actual}");
+            let event = Event {
+                kind: EventKind::StateChanged,
+                occurred_at: Timestamp::now(),
+                previous_state_type: Some(StateType::Pending),
+                resource: Resource::TaskRun(&t),
+                task_id: Some(text),
+            };
+            let wire = crate::stream::LoggedEvent::new(1, &event)
+                .message()
+                .encode_to_vec();
+            let response = pb::SetTaskRunStateResponse {
+                status: 1,
+                state: Some(state(&t.run.state)),
+                reason: "r".repeat(1_000),
+                retry_after: None,
+                task_run: Some(task_run(&t)),
+            };
+            let with_state = document::with_state(bound, &t.run.state);
+            let room =
+                document::CLIENT_MESSAGE_LIMIT - document::SERVER_RESERVE - document::MAX_RUN_BYTES;
+            assert!(wire.len() <= with_state + room);
+            assert!(response.encoded_len() <= with_state + room);
+        }
+    }
+
+    #[test]
+    fn the_size_bound_of_an_execution_covers_its_encoding() {
+        use crate::domain::{
+            ConfigOverrides, ConfigProfile, EffectiveConfig, ExecutionId, document,
+        };
+        use prost::Message;
+        let t = full_task_run(&json!({"blob": "y".repeat(50_000), "n": [1, 2]}), "text");
+        let overrides = ConfigOverrides {
+            temperature: Some(0.5),
+            max_tokens: Some(10),
+            model: Some("m".repeat(200)),
+        };
+        let e = Execution {
+            id: ExecutionId::new(),
+            tenant_id: "tenant".into(),
+            task_id: Some("task".repeat(50)),
+            name: "n".repeat(200),
+            input: match t.input.clone() {
+                Value::Object(m) => m,
+                _ => unreachable!(),
+            },
+            goal: Some("g".repeat(10_000)),
+            max_depth: 3,
+            config_profile: ConfigProfile::Fast,
+            effective_config: EffectiveConfig::resolve(ConfigProfile::Fast, &overrides),
+            config_overrides: overrides,
+            metadata: (0..10)
+                .map(|i| (format!("k{i}"), "v".repeat(500)))
+                .collect(),
+            request_id: Some("r".repeat(100)),
+            run: t.run.clone(),
+        };
+        let bound = document::execution_bytes(&e);
+        let actual = execution(&e).encoded_len();
+        assert!(bound >= actual, "{bound} < {actual}");
+        assert!(bound <= actual + 64 * 1024, "{bound} is far above {actual}");
+    }
+
+    #[test]
+    fn values_at_the_depth_limit_decode_in_a_default_client() {
+        use crate::domain::json::MAX_DEPTH;
+        use prost::Message;
+        let deep = nested(MAX_DEPTH);
+        assert_eq!(crate::domain::json::depth(&deep), MAX_DEPTH);
+        let t = full_task_run(&deep, "x");
+        let event = Event {
+            kind: EventKind::StateChanged,
+            occurred_at: Timestamp::now(),
+            previous_state_type: None,
+            resource: Resource::TaskRun(&t),
+            task_id: None,
+        };
+        let wire = crate::stream::LoggedEvent::new(1, &event)
+            .message()
+            .encode_to_vec();
+        pb::StreamExecutionStatusResponse::decode(&wire[..]).expect("a stream message decodes");
+        let response = pb::SetTaskRunStateResponse {
+            state: Some(state(&t.run.state)),
+            task_run: Some(task_run(&t)),
+            ..Default::default()
+        };
+        pb::SetTaskRunStateResponse::decode(response.encode_to_vec().as_slice())
+            .expect("a response decodes");
+        // Well past the limit, prost's own recursion limit refuses it.
+        let too_deep = full_task_run(&nested(40), "x");
+        let bytes = task_run(&too_deep).encode_to_vec();
+        assert!(pb::TaskRun::decode(bytes.as_slice()).is_err());
+    }
+
     #[test]
     fn timestamps_round_trip_and_reject_out_of_range() {
         let t = Timestamp::from_micros(1_700_000_000_123_456);

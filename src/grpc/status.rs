@@ -6,19 +6,32 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::Error;
 
+/// The most field violations one status reports.
+const MAX_REPORTED_VIOLATIONS: usize = 20;
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         match e {
             Error::InvalidArgument(violations) => {
+                // The status travels in response headers: report a bounded
+                // number of violations.
                 let mut details = ErrorDetails::new();
-                for v in violations.iter() {
+                let mut message = String::from("invalid request: ");
+                for (i, v) in violations.iter().take(MAX_REPORTED_VIOLATIONS).enumerate() {
                     details.add_bad_request_violation(v.field.clone(), v.description.clone());
+                    if i > 0 {
+                        message.push_str("; ");
+                    }
+                    message.push_str(&format!("{}: {}", v.field, v.description));
                 }
-                Status::with_error_details(
-                    Code::InvalidArgument,
-                    format!("invalid request: {violations}"),
-                    details,
-                )
+                let more = violations
+                    .iter()
+                    .count()
+                    .saturating_sub(MAX_REPORTED_VIOLATIONS);
+                if more > 0 {
+                    message.push_str(&format!("; and {more} more"));
+                }
+                Status::with_error_details(Code::InvalidArgument, message, details)
             }
             Error::NotFound(m) => Status::not_found(m),
             Error::AlreadyExists(m) => Status::already_exists(m),
@@ -48,6 +61,19 @@ mod tests {
             .get_details_bad_request()
             .expect("a BadRequest detail");
         assert_eq!(bad.field_violations[0].field, "goal");
+    }
+
+    #[test]
+    fn a_status_reports_a_bounded_number_of_violations() {
+        let mut v = Violations::new();
+        for _ in 0..10_000 {
+            v.add("execution_ids", "must be a UUID");
+        }
+        let status = Status::from(Error::InvalidArgument(v));
+        let bad = status.get_details_bad_request().unwrap();
+        assert_eq!(bad.field_violations.len(), MAX_REPORTED_VIOLATIONS);
+        assert!(status.message().len() < 1_000, "{}", status.message());
+        assert!(status.message().ends_with("and 9980 more"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    ErrorInfo, RetryPolicy, RunCore, State, StateId, StateProposal, StateType, Timestamp,
+    ErrorInfo, RetryPolicy, RunCore, State, StateId, StateProposal, StateType, Timestamp, prefix,
     template::Resolution,
 };
 
@@ -125,7 +125,8 @@ pub fn decide(current: &State, proposal: &Proposal, ctx: &Context) -> Decision {
         return Decision::Reject {
             reason: format!(
                 "expected state {expected}, but the run is in state {} ({})",
-                current.id, current.name
+                current.id,
+                prefix(&current.name)
             ),
         };
     }
@@ -302,8 +303,24 @@ pub struct Payload {
     pub error: Option<ErrorInfo>,
 }
 
+/// The run's error after a change to a state of type `to` that carries
+/// `carried`: the carried error; else the one it had while it stays FAILED
+/// or CRASHED; else none. An error belongs to the state it came with (a
+/// failure, or the retry scheduled instead of one), and stays there in the
+/// history when the run moves on.
+pub fn error_after(
+    previous: Option<ErrorInfo>,
+    to: StateType,
+    carried: Option<ErrorInfo>,
+) -> Option<ErrorInfo> {
+    carried.or(match to {
+        StateType::Failed | StateType::Crashed => previous,
+        _ => None,
+    })
+}
+
 /// Rule 11: the bookkeeping of an accepted transition to `next`.
-pub fn apply_accepted(run: &mut RunCore, next: State, payload: Payload, updated_by: &str) {
+pub fn apply_accepted(run: &mut RunCore, mut next: State, payload: Payload, updated_by: &str) {
     let now = next.timestamp;
     let from = run.state.state_type;
     let to = next.state_type;
@@ -332,9 +349,13 @@ pub fn apply_accepted(run: &mut RunCore, next: State, payload: Payload, updated_
     if let Some(output) = payload.output {
         run.output = Some(output);
     }
-    if let Some(error) = payload.error {
-        run.error = Some(error);
+    // The history keeps the error's message on the state it came with.
+    if let Some(error) = &payload.error
+        && next.message.is_empty()
+    {
+        next.message = error.message.clone();
     }
+    run.error = error_after(run.error.take(), to, payload.error);
     run.updated_by = updated_by.to_owned();
     run.updated_at = now;
     run.state = next;
@@ -547,6 +568,65 @@ mod tests {
         assert_eq!(run.transition_count, 4);
         assert_eq!(run.updated_by, "carol");
         assert_eq!(run.output, Some(serde_json::json!({"ok": true})));
+    }
+
+    #[test]
+    fn a_run_keeps_its_error_only_while_it_stays_failed() {
+        use StateType::*;
+        let boom = || ErrorInfo {
+            message: "boom".into(),
+            ..Default::default()
+        };
+        let failure = || Payload {
+            output: None,
+            error: Some(boom()),
+        };
+        let mut run = RunCore::new(state(Running), "a");
+        // A failed attempt scheduled for a retry shows its error, and the
+        // state it came with says so in the history.
+        apply_accepted(
+            &mut run,
+            StateProposal::of_type(Scheduled)
+                .named(AWAITING_RETRY)
+                .into_state(T0),
+            failure(),
+            "system",
+        );
+        assert_eq!(run.error, Some(boom()));
+        assert_eq!(run.state.message, "boom");
+        // The retry runs: the error was the attempt's, not the run's.
+        apply_accepted(
+            &mut run,
+            StateProposal::of_type(Running).into_state(T0),
+            Payload::default(),
+            "a",
+        );
+        assert_eq!(run.error, None);
+        apply_accepted(
+            &mut run,
+            StateProposal::of_type(Completed).into_state(T0),
+            Payload::default(),
+            "a",
+        );
+        assert_eq!(run.error, None);
+        // A failed run keeps its error across a forced move between failed
+        // states, and loses it when forced out of them.
+        assert_eq!(error_after(Some(boom()), Crashed, None), Some(boom()));
+        assert_eq!(error_after(Some(boom()), Failed, None), Some(boom()));
+        for t in StateType::ALL
+            .into_iter()
+            .filter(|t| !matches!(t, Failed | Crashed))
+        {
+            assert_eq!(error_after(Some(boom()), t, None), None, "{t:?}");
+        }
+        // A state given its own message keeps it.
+        let mut failed = StateProposal::of_type(Failed);
+        failed.message = "disk full".into();
+        apply_accepted(&mut run, failed.into_state(T0), failure(), "a");
+        assert_eq!(
+            (run.state.message.as_str(), run.error),
+            ("disk full", Some(boom()))
+        );
     }
 
     fn task_ctx(task: TaskContext) -> Context {

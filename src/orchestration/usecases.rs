@@ -13,7 +13,7 @@ use crate::{
     domain::{
         Caller, EffectiveConfig, ErrorInfo, Event, EventKind, Execution, ExecutionId, NewExecution,
         NewTaskRun, Resource, RunCore, SYSTEM_ACTOR, State, StateProposal, StateType, TaskRun,
-        TaskRunId, Timestamp, Violations,
+        TaskRunId, Timestamp, Violations, document, json, prefix, quote,
         template::{self, Resolution, Upstream},
     },
     store::{Cursor, ExecutionFilter, HistoryPage, Page, Store, TaskRunFilter, WriteTx},
@@ -214,7 +214,7 @@ impl Ledger {
                     if !matches!(st, StateType::Completed | StateType::Failed) {
                         return Err(Error::FailedPrecondition(format!(
                             "task run {id} is {}; only a COMPLETED or FAILED task run can be marked stale",
-                            run.run.state.name
+                            prefix(&run.run.state.name)
                         )));
                     }
                     if !run.stale {
@@ -258,9 +258,17 @@ impl Ledger {
         filter: &ExecutionFilter,
         page: &Page,
     ) -> Result<(Vec<Execution>, Option<Cursor>)> {
-        self.store
+        let (items, next) = self
+            .store
             .list_executions(&caller.tenant_id, filter, page)
-            .await
+            .await?;
+        Ok(fit_page(items, next, |e| {
+            (
+                document::execution_bytes(e),
+                e.run.created_at,
+                e.id.to_string(),
+            )
+        }))
     }
 
     pub async fn list_task_runs(
@@ -269,9 +277,17 @@ impl Ledger {
         filter: &TaskRunFilter,
         page: &Page,
     ) -> Result<(Vec<TaskRun>, Option<Cursor>)> {
-        self.store
+        let (items, next) = self
+            .store
             .list_task_runs(&caller.tenant_id, filter, page)
-            .await
+            .await?;
+        Ok(fit_page(items, next, |t| {
+            (
+                document::task_run_bytes(t),
+                t.run.created_at,
+                t.id.to_string(),
+            )
+        }))
     }
 
     /// A page of the state history of an execution or a task run, oldest
@@ -301,6 +317,36 @@ impl Ledger {
     }
 }
 
+/// The leading runs of a page that fit in one response, and where the next
+/// page starts: after the last run kept when some were left out. At least
+/// one run is kept; each fits alone.
+fn fit_page<T>(
+    mut items: Vec<T>,
+    next: Option<Cursor>,
+    measure: impl Fn(&T) -> (usize, Timestamp, String),
+) -> (Vec<T>, Option<Cursor>) {
+    let mut total = 0;
+    let keep = items
+        .iter()
+        .position(|item| {
+            total += measure(item).0;
+            total > document::MAX_PAGE_BYTES
+        })
+        .map_or(items.len(), |n| n.max(1));
+    if keep == items.len() {
+        return (items, next);
+    }
+    items.truncate(keep);
+    let next = items.last().map(|last| {
+        let (_, created_at, id) = measure(last);
+        Cursor {
+            created_at: created_at.as_micros(),
+            id,
+        }
+    });
+    (items, next)
+}
+
 pub(crate) fn execution_not_found(id: ExecutionId) -> Error {
     Error::NotFound(format!("execution {id} not found"))
 }
@@ -324,7 +370,8 @@ async fn create_execution(
             Ok((existing, false))
         } else {
             Err(Error::AlreadyExists(format!(
-                "request_id {request_id:?} was already used for execution {} with a different request",
+                "request_id {} was already used for execution {} with a different request",
+                quote(request_id),
                 existing.id
             )))
         };
@@ -350,6 +397,11 @@ async fn create_execution(
         request_id: new.request_id.clone(),
         run: RunCore::new(initial, &caller.name),
     };
+    let field = largest(&[
+        ("input", json::struct_len(&execution.input)),
+        ("initial_state", document::state_bytes(&execution.run.state)),
+    ]);
+    ensure_fits(&execution, field)?;
     let seq = record_creation(tx, &execution).await?;
     tx.save_execution(&execution, fingerprint, seq).await?;
     Ok((execution, true))
@@ -423,6 +475,11 @@ async fn create_task_run(
         stale: false,
         run: RunCore::new(initial, &caller.name),
     };
+    let field = largest(&[
+        ("input", json::encoded_len(&run.input)),
+        ("initial_state", document::state_bytes(&run.run.state)),
+    ]);
+    ensure_fits(&run, field)?;
     let seq = record_creation_with(tx, &run, exec.task_id.as_deref()).await?;
     tx.save_task_run(&run, seq).await?;
     Ok((run, true))
@@ -441,7 +498,8 @@ async fn may_add_task_run(
     if exec_state.is_terminal() || exec_state == StateType::Cancelling {
         return Err(Error::FailedPrecondition(format!(
             "execution {} is {}; it takes no new task runs",
-            exec.id, exec.run.state.name
+            exec.id,
+            prefix(&exec.run.state.name)
         )));
     }
     if exec.run.deleted_at.is_some() {
@@ -503,6 +561,10 @@ pub(crate) trait Tracked: Send + Sync {
     fn resource(&self) -> Resource<'_>;
     /// Records the input with its templates resolved (task runs only).
     fn set_resolved_input(&mut self, _value: Value, _task_inputs: Vec<TaskRunId>) {}
+    /// An upper bound of the run's encoded size (see `domain::document`).
+    fn document_bytes(&self) -> usize;
+    /// "execution" or "task run", for messages.
+    fn kind(&self) -> &'static str;
     fn save<'a>(
         &'a self,
         tx: &'a mut WriteTx<'_>,
@@ -522,6 +584,12 @@ impl Tracked for Execution {
     }
     fn resource(&self) -> Resource<'_> {
         Resource::Execution(self)
+    }
+    fn document_bytes(&self) -> usize {
+        document::execution_bytes(self)
+    }
+    fn kind(&self) -> &'static str {
+        "execution"
     }
     fn save<'a>(
         &'a self,
@@ -544,6 +612,12 @@ impl Tracked for TaskRun {
     }
     fn resource(&self) -> Resource<'_> {
         Resource::TaskRun(self)
+    }
+    fn document_bytes(&self) -> usize {
+        document::task_run_bytes(self)
+    }
+    fn kind(&self) -> &'static str {
+        "task run"
     }
     fn set_resolved_input(&mut self, value: Value, task_inputs: Vec<TaskRunId>) {
         self.resolved_input = Some(value);
@@ -682,6 +756,7 @@ async fn task_context(
             .map(|(output, expiration)| CacheEntry { output, expiration });
     }
     let keys = template::referenced_keys(&run.input);
+    let keys_len = keys.len();
     if !keys.is_empty() {
         let mut upstreams = BTreeMap::new();
         for key in keys {
@@ -690,9 +765,31 @@ async fn task_context(
             runs.retain(|r| r.id != run.id);
             upstreams.insert(key, upstream(&runs));
         }
-        task.templates = Some(template::resolve(&run.input, &upstreams));
+        let room = resolution_room(run, &proposal.state, keys_len);
+        task.templates = Some(template::resolve(
+            &run.input,
+            &upstreams,
+            json::MAX_ENCODED_BYTES.min(room),
+        ));
     }
     Ok(task)
+}
+
+/// How many encoded bytes the resolved input may take so that the run,
+/// RUNNING in `next` with it and its upstream ids, still fits in a response.
+fn resolution_room(run: &TaskRun, next: &StateProposal, keys: usize) -> usize {
+    let earlier = run
+        .resolved_input
+        .as_ref()
+        .map_or(0, |v| json::encoded_len(v) + 7)
+        + run.task_inputs.len() * 40;
+    let next_state =
+        document::state_parts_bytes(&next.name, &next.message, &next.data, &next.details);
+    let others = run.document_bytes() - earlier - document::state_bytes(&run.run.state)
+        + 2 * next_state
+        + keys * 40
+        + 7;
+    document::MAX_RUN_BYTES.saturating_sub(others)
 }
 
 /// What a task key's runs (newest first) offer a template: the latest
@@ -727,7 +824,7 @@ async fn cancel_execution(
     if st.is_terminal() {
         return Err(Error::FailedPrecondition(format!(
             "execution {id} is already {}; only a run that has not ended can be cancelled",
-            exec.run.state.name
+            prefix(&exec.run.state.name)
         )));
     }
     let now = tx.now();
@@ -744,6 +841,7 @@ async fn cancel_execution(
                 Payload::default(),
                 &caller.name,
                 task_id.as_deref(),
+                None,
             )
             .await?;
         }
@@ -757,6 +855,7 @@ async fn cancel_execution(
             Payload::default(),
             &caller.name,
             task_id.as_deref(),
+            None,
         )
         .await?;
     }
@@ -780,7 +879,7 @@ async fn resume_execution(
     if state.state_type != StateType::Paused {
         return Err(Error::FailedPrecondition(format!(
             "execution {id} is {}, not PAUSED; only a PAUSED run can be resumed",
-            state.name
+            prefix(&state.name)
         )));
     }
     let now = tx.now();
@@ -812,6 +911,7 @@ async fn resume_execution(
         Payload::default(),
         &caller.name,
         task_id.as_deref(),
+        Some("run_input"),
     )
     .await?;
     Ok(exec)
@@ -841,6 +941,7 @@ async fn expire_pauses(tx: &mut WriteTx<'_>) -> Result<usize> {
             pause_timeout_error(),
             SYSTEM_ACTOR,
             task_id.as_deref(),
+            None,
         )
         .await?;
         n += 1;
@@ -861,6 +962,7 @@ async fn expire_pauses(tx: &mut WriteTx<'_>) -> Result<usize> {
             pause_timeout_error(),
             SYSTEM_ACTOR,
             exec.task_id.as_deref(),
+            None,
         )
         .await?;
         n += 1;
@@ -887,6 +989,9 @@ fn pause_timeout_error() -> Payload {
 
 /// Rule 11 for a change the rules allowed or the server made: bookkeeping,
 /// a history row, a STATE_CHANGED event and the run itself, together.
+/// A change a client asked for is refused, before anything is written, if
+/// it would make the run too large to send, naming the request's `field`
+/// that brought it; the server's own changes fit in the room kept for them.
 async fn commit_transition<R: Tracked>(
     tx: &mut WriteTx<'_>,
     run: &mut R,
@@ -894,10 +999,14 @@ async fn commit_transition<R: Tracked>(
     payload: Payload,
     actor: &str,
     task_id: Option<&str>,
+    field: Option<&str>,
 ) -> Result<i64> {
     let previous = run.core().state.state_type;
     let occurred_at = next.timestamp;
     rules::apply_accepted(run.core_mut(), next, payload, actor);
+    if let Some(field) = field {
+        ensure_fits(run, field)?;
+    }
     let tenant = run.resource().tenant_id().to_owned();
     tx.append_state(&tenant, &run.run_id(), &run.core().state)
         .await?;
@@ -933,6 +1042,52 @@ async fn commit_update<R: Tracked>(
         .await?;
     run.save(tx, seq).await?;
     Ok(seq)
+}
+
+/// Refuses a run that, with its state sent once more beside it, would not
+/// fit in a message a client accepts.
+fn ensure_fits<R: Tracked>(run: &R, field: &str) -> Result<()> {
+    let bytes = document::with_state(run.document_bytes(), &run.core().state);
+    if bytes > document::MAX_RUN_BYTES {
+        return Err(Error::InvalidArgument(Violations::single(
+            field,
+            format!(
+                "the {} would take about {bytes} bytes with this, more than the {} a response may carry; send less",
+                run.kind(),
+                document::MAX_RUN_BYTES
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// The name of the largest part, to name in a refusal.
+fn largest<'a>(parts: &[(&'a str, usize)]) -> &'a str {
+    parts
+        .iter()
+        .max_by_key(|(_, n)| *n)
+        .map_or("state", |(name, _)| name)
+}
+
+/// The field of a state change request that adds the most to a run.
+fn largest_in(proposal: &Proposal) -> &'static str {
+    let s = &proposal.state;
+    let error = proposal.payload.error.as_ref();
+    largest(&[
+        (
+            "state",
+            document::state_parts_bytes(&s.name, &s.message, &s.data, &s.details),
+        ),
+        (
+            "output",
+            proposal
+                .payload
+                .output
+                .as_ref()
+                .map_or(0, json::encoded_len),
+        ),
+        ("error", error.map_or(0, document::error_bytes)),
+    ])
 }
 
 /// Applies the rules to a proposal for `run` and records what they decide.
@@ -973,6 +1128,7 @@ async fn transition<R: Tracked + Clone>(
             retry_after,
         } => (reason.clone(), Some(*retry_after)),
     };
+    let field = largest_in(proposal);
     let changed = match decision {
         Decision::Accept => {
             let next = rules::next_state(&run.core().state, &proposal.state, ctx.now);
@@ -988,6 +1144,7 @@ async fn transition<R: Tracked + Clone>(
                 proposal.payload.clone(),
                 &caller.name,
                 task_id,
+                Some(field),
             )
             .await?;
             true
@@ -1000,6 +1157,7 @@ async fn transition<R: Tracked + Clone>(
                 payload,
                 SYSTEM_ACTOR,
                 task_id,
+                Some(field),
             )
             .await?;
             true

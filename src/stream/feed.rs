@@ -7,7 +7,7 @@ use tokio::sync::broadcast;
 use super::message::{EventMessage, encode_event};
 
 use crate::{
-    domain::Event,
+    domain::{Event, document::CLIENT_MESSAGE_LIMIT},
     grpc::{convert, pb},
 };
 
@@ -22,9 +22,9 @@ pub struct LoggedEvent {
     /// The task_id of the execution the event belongs to.
     pub task_id: Option<String>,
     /// The event decoded, when something needed it: live events are built
-    /// that way; events read back from the log are decoded only if a
-    /// filter or an ending looks inside them.
-    event: OnceLock<pb::StatusEvent>,
+    /// that way; events read back from the log are decoded when a filter
+    /// or an ending looks inside them, or when they are sent.
+    event: OnceLock<Readable>,
     /// The stream message carrying the event, encoded once for everyone.
     wire: Bytes,
     /// Where the event's own encoding starts in `wire`.
@@ -35,16 +35,31 @@ impl LoggedEvent {
     pub fn new(seq: i64, event: &Event<'_>) -> Self {
         let status_event = convert::status_event(seq, event);
         let (wire, payload_start) = encode_event(&status_event);
-        LoggedEvent {
+        let logged = LoggedEvent {
             seq,
             tenant_id: event.resource.tenant_id().to_owned(),
             execution_id: event.resource.execution_id().to_string(),
             task_run_id: event.resource.task_run_id().map(|id| id.to_string()),
             task_id: event.task_id.map(str::to_owned),
-            event: OnceLock::from(status_event),
+            event: OnceLock::new(),
             wire,
             payload_start,
-        }
+        };
+        let readable = if logged.wire.len() > CLIENT_MESSAGE_LIMIT {
+            tracing::error!(
+                seq,
+                bytes = logged.wire.len(),
+                "event too large for a client; sending a stand-in"
+            );
+            logged.stand_in(Some(status_event))
+        } else {
+            Readable {
+                event: status_event,
+                stand_in: None,
+            }
+        };
+        let _ = logged.event.set(readable);
+        logged
     }
 
     /// The same event under another sequence number.
@@ -69,9 +84,19 @@ impl LoggedEvent {
         self.wire.slice(self.payload_start..)
     }
 
-    /// The stream message to send: shared bytes, no copy.
+    /// The stream message to send: shared bytes, no copy; or the stand-in
+    /// of an event a client could not read (see [`LoggedEvent::event`]).
     pub fn message(&self) -> EventMessage {
-        EventMessage::encoded(self.wire.clone())
+        match &self.readable().stand_in {
+            Some(wire) => EventMessage::encoded(wire.clone()),
+            None => EventMessage::encoded(self.wire.clone()),
+        }
+    }
+
+    /// Whether the stored event could not be read back whole, so that
+    /// streams deliver a stand-in for it.
+    pub fn is_stand_in(&self) -> bool {
+        self.readable().stand_in.is_some()
     }
 
     /// An event read back from the log.
@@ -102,16 +127,83 @@ impl LoggedEvent {
         }
     }
 
-    /// The event. The log's bytes were written by this server from a
-    /// valid event; should they not decode, the event reads as empty and
-    /// matches no filter that looks inside it.
+    /// The event. The server logs only events a client can read (runs are
+    /// bounded in size and depth where they change). Should the stored
+    /// bytes still not decode (a damaged database, or a log written before
+    /// those bounds), or be too large for a client, the event reads as a
+    /// stand-in: its sequence and its run's ids, with the kind, time and
+    /// state when they are known and none of the run's values. A stream
+    /// delivers the stand-in in the event's place, so that no client stops
+    /// at it for ever and none misses it without a trace; it has no state
+    /// type when the event did not decode, and kind UNSPECIFIED then.
     pub fn event(&self) -> &pb::StatusEvent {
+        &self.readable().event
+    }
+
+    fn readable(&self) -> &Readable {
         self.event.get_or_init(|| {
-            pb::StatusEvent::decode(self.payload()).unwrap_or_else(|e| {
-                tracing::error!(seq = self.seq, error = %e, "undecodable event in the log");
-                pb::StatusEvent::default()
-            })
+            let decoded = pb::StatusEvent::decode(self.payload());
+            let too_large = self.wire.len() > CLIENT_MESSAGE_LIMIT;
+            match decoded {
+                Ok(event) if !too_large => Readable {
+                    event,
+                    stand_in: None,
+                },
+                Ok(event) => {
+                    tracing::error!(seq = self.seq, bytes = self.wire.len(), "logged event too large for a client; sending a stand-in");
+                    self.stand_in(Some(event))
+                }
+                Err(e) => {
+                    tracing::error!(seq = self.seq, error = %e, "undecodable event in the log; sending a stand-in");
+                    self.stand_in(None)
+                }
+            }
         })
+    }
+
+    fn stand_in(&self, decoded: Option<pb::StatusEvent>) -> Readable {
+        let mut event = decoded.unwrap_or_default();
+        event.sequence = self.seq;
+        event.resource = Some(match event.resource.take() {
+            Some(pb::status_event::Resource::Execution(e)) => {
+                pb::status_event::Resource::Execution(pb::Execution {
+                    id: e.id,
+                    tenant_id: e.tenant_id,
+                    task_id: e.task_id,
+                    state: e.state.map(without_data),
+                    ..Default::default()
+                })
+            }
+            Some(pb::status_event::Resource::TaskRun(t)) => {
+                pb::status_event::Resource::TaskRun(pb::TaskRun {
+                    id: t.id,
+                    tenant_id: t.tenant_id,
+                    execution_id: t.execution_id,
+                    task_key: t.task_key,
+                    state: t.state.map(without_data),
+                    ..Default::default()
+                })
+            }
+            None => match &self.task_run_id {
+                Some(id) => pb::status_event::Resource::TaskRun(pb::TaskRun {
+                    id: id.clone(),
+                    tenant_id: self.tenant_id.clone(),
+                    execution_id: self.execution_id.clone(),
+                    ..Default::default()
+                }),
+                None => pb::status_event::Resource::Execution(pb::Execution {
+                    id: self.execution_id.clone(),
+                    tenant_id: self.tenant_id.clone(),
+                    task_id: self.task_id.clone().unwrap_or_default(),
+                    ..Default::default()
+                }),
+            },
+        });
+        let (wire, _) = encode_event(&event);
+        Readable {
+            event,
+            stand_in: Some(wire),
+        }
     }
 
     /// The state type of the run after this event.
@@ -123,6 +215,20 @@ impl LoggedEvent {
         };
         state.map_or(0, |s| s.r#type)
     }
+}
+
+/// An event as decoded, and what to send instead when it cannot be sent.
+#[derive(Debug, Clone, PartialEq)]
+struct Readable {
+    event: pb::StatusEvent,
+    /// The stand-in's stream message, when the stored event cannot be
+    /// sent as it is.
+    stand_in: Option<Bytes>,
+}
+
+fn without_data(mut s: pb::State) -> pb::State {
+    s.data = None;
+    s
 }
 
 /// Committed events, fanned out to every live subscriber.
@@ -149,5 +255,68 @@ impl Feed {
             // No receivers is fine: the log has it.
             let _ = self.tx.send(e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::EventFilter;
+
+    fn from_log(payload: &[u8]) -> LoggedEvent {
+        LoggedEvent::from_log(
+            7,
+            "t".into(),
+            "e1".into(),
+            Some("r1".into()),
+            Some("job".into()),
+            payload,
+        )
+    }
+
+    #[test]
+    fn a_readable_event_is_sent_as_stored() {
+        let event = pb::StatusEvent {
+            sequence: 7,
+            kind: pb::EventKind::Created as i32,
+            ..Default::default()
+        };
+        let logged = from_log(&event.encode_to_vec());
+        assert_eq!(logged.event(), &event);
+        assert!(!logged.is_stand_in());
+        assert_eq!(logged.message().encode_to_vec(), logged.wire.to_vec());
+    }
+
+    #[test]
+    fn an_unreadable_event_becomes_a_stand_in_every_stream_delivers() {
+        let logged = from_log(&[0xff, 0xff, 0xff]);
+        assert!(logged.is_stand_in());
+        let sent = EventMessage::decode(logged.message().encode_to_vec().as_slice())
+            .unwrap()
+            .event
+            .unwrap();
+        assert_eq!(sent.sequence, 7);
+        assert_eq!(sent.kind, pb::EventKind::Unspecified as i32);
+        match sent.resource {
+            Some(pb::status_event::Resource::TaskRun(t)) => {
+                assert_eq!((t.id.as_str(), t.execution_id.as_str()), ("r1", "e1"))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Filters that look inside cannot rule it out.
+        let filter = EventFilter {
+            state_types: vec![pb::StateType::Completed as i32],
+            labels: vec![("a".into(), "b".into())],
+            include_task_runs: true,
+            ..Default::default()
+        };
+        assert!(filter.matches(&logged));
+        // Filters on what the log row holds still apply.
+        let other = EventFilter {
+            execution_ids: vec!["e2".into()],
+            include_task_runs: true,
+            ..Default::default()
+        };
+        assert!(!other.matches(&logged));
     }
 }
