@@ -7,6 +7,7 @@ mod helpers;
 
 mod ledger;
 mod orchestration;
+mod run_streams;
 mod streams;
 mod tenancy;
 mod validation;

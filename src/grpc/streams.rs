@@ -13,7 +13,7 @@ use crate::{
     domain::{Caller, ExecutionId, Resource, TaskRunId},
     orchestration::Ledger,
     store::LogScope,
-    stream::{Ending, EventFilter, EventMessage, Feed, Subscription},
+    stream::{EventFilter, EventMessage, Feed, Subscription},
 };
 
 pub(crate) type EventStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>;
@@ -32,7 +32,7 @@ struct Start {
     after: i64,
     read_log: bool,
     snapshot: Vec<pb::StatusEvent>,
-    /// The run is terminal and nothing after the start concerns it.
+    /// The run is terminal at the start: nothing follows but its delete.
     ended: bool,
 }
 
@@ -42,7 +42,6 @@ impl Streams {
         rx: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::stream::LoggedEvent>>,
         scope: LogScope,
         filter: EventFilter,
-        ending: Ending,
         start: Start,
     ) -> Subscription {
         let store = self.ledger.store().clone();
@@ -52,7 +51,6 @@ impl Streams {
             rx,
             scope,
             filter,
-            ending,
             shutdown,
             start.after,
             start.read_log,
@@ -61,7 +59,8 @@ impl Streams {
     }
 
     /// A cursor's start: refused if retention passed it; already ended if
-    /// the run is terminal and its last event is not after the cursor.
+    /// the run is terminal and its last event is not after the cursor
+    /// (but for a delete still to come).
     async fn resume_at(&self, after: i64, terminal: bool, last_seq: i64) -> Result<Start> {
         self.check_cursor(after).await?;
         Ok(Start {
@@ -95,12 +94,10 @@ impl Streams {
         let store = self.ledger.store();
         let tenant = caller.tenant_id.clone();
         let filter = EventFilter {
-            execution_ids: vec![id.to_string()],
             include_task_runs,
             ..EventFilter::default()
         };
-        let scope = LogScope::Execution(tenant.clone(), id);
-        let ending = Ending::Execution(id.to_string());
+        let scope = LogScope::Execution(tenant.clone(), id.to_string());
         let start = if after == 0 {
             let snap = store
                 .execution_snapshot(&tenant, id, include_task_runs)
@@ -126,7 +123,7 @@ impl Streams {
             self.resume_at(after, exec.run.state.state_type.is_terminal(), last_seq)
                 .await?
         };
-        Ok(self.open(rx, scope, filter, ending, start))
+        Ok(self.open(rx, scope, filter, start))
     }
 
     pub(crate) async fn task_run(
@@ -142,8 +139,7 @@ impl Streams {
             include_task_runs: true,
             ..EventFilter::default()
         };
-        let scope = LogScope::TaskRun(tenant.clone(), id);
-        let ending = Ending::TaskRun(id.to_string());
+        let scope = LogScope::TaskRun(tenant.clone(), id.to_string());
         let start = if after == 0 {
             let (run, head) = store.task_run_snapshot(&tenant, id).await?;
             let (run, seq) = run.ok_or_else(|| crate::orchestration::task_run_not_found(id))?;
@@ -160,7 +156,7 @@ impl Streams {
             self.resume_at(after, run.run.state.state_type.is_terminal(), last_seq)
                 .await?
         };
-        Ok(self.open(rx, scope, filter, ending, start))
+        Ok(self.open(rx, scope, filter, start))
     }
 
     pub(crate) async fn tenant(
@@ -183,7 +179,7 @@ impl Streams {
         } else {
             self.resume_at(after, false, 0).await?
         };
-        Ok(self.open(rx, scope, filter, Ending::Never, start))
+        Ok(self.open(rx, scope, filter, start))
     }
 }
 

@@ -63,19 +63,65 @@ pub struct TaskRunFilter {
     pub stale: Option<bool>,
 }
 
-/// Which part of the log a stream reads.
+/// Which part of the log a stream reads: the same scope selects the rows
+/// of a log read (in SQL) and the events a live subscriber takes from the
+/// feed (`matches`).
 #[derive(Debug, Clone)]
 pub enum LogScope {
+    /// Every event of the tenant.
     Tenant(String),
-    Execution(String, ExecutionId),
-    TaskRun(String, TaskRunId),
+    /// An execution's events and its task runs' events: tenant, execution
+    /// id (as text, the way events carry it).
+    Execution(String, String),
+    /// An execution's own events, without its task runs'.
+    ExecutionOnly(String, String),
+    /// One task run's events: tenant, task run id.
+    TaskRun(String, String),
 }
 
 impl LogScope {
     /// The tenant whose events these are.
     pub fn tenant(&self) -> &str {
         match self {
-            LogScope::Tenant(t) | LogScope::Execution(t, _) | LogScope::TaskRun(t, _) => t,
+            LogScope::Tenant(t)
+            | LogScope::Execution(t, _)
+            | LogScope::ExecutionOnly(t, _)
+            | LogScope::TaskRun(t, _) => t,
+        }
+    }
+
+    /// Whether `e` is in the scope: what a log read of the scope returns.
+    pub fn matches(&self, e: &LoggedEvent) -> bool {
+        e.tenant_id == self.tenant()
+            && match self {
+                LogScope::Tenant(_) => true,
+                LogScope::Execution(_, id) => &e.execution_id == id,
+                LogScope::ExecutionOnly(_, id) => &e.execution_id == id && e.task_run_id.is_none(),
+                LogScope::TaskRun(_, id) => e.task_run_id.as_ref() == Some(id),
+            }
+    }
+
+    /// Whether `e` is about the scope's run itself: for a per-run scope,
+    /// what a log read of [`LogScope::run`] returns; never for a tenant.
+    pub fn is_own(&self, e: &LoggedEvent) -> bool {
+        match self {
+            LogScope::Tenant(_) => false,
+            LogScope::Execution(t, id) | LogScope::ExecutionOnly(t, id) => {
+                &e.tenant_id == t && &e.execution_id == id && e.task_run_id.is_none()
+            }
+            LogScope::TaskRun(..) => self.matches(e),
+        }
+    }
+
+    /// The scope of the run itself, for a per-run scope: an execution
+    /// without its task runs, or the task run.
+    pub fn run(&self) -> Option<LogScope> {
+        match self {
+            LogScope::Tenant(_) => None,
+            LogScope::Execution(t, id) | LogScope::ExecutionOnly(t, id) => {
+                Some(LogScope::ExecutionOnly(t.clone(), id.clone()))
+            }
+            LogScope::TaskRun(..) => Some(self.clone()),
         }
     }
 }
@@ -239,8 +285,9 @@ impl Store {
     ) -> Result<Vec<LoggedEvent>> {
         let (sql, tenant, id) = match scope {
             LogScope::Tenant(t) => (sql::EVENTS_OF_TENANT, t, None),
-            LogScope::Execution(t, id) => (sql::EVENTS_OF_EXECUTION, t, Some(id.to_string())),
-            LogScope::TaskRun(t, id) => (sql::EVENTS_OF_TASK_RUN, t, Some(id.to_string())),
+            LogScope::Execution(t, id) => (sql::EVENTS_OF_EXECUTION, t, Some(id)),
+            LogScope::ExecutionOnly(t, id) => (sql::EVENTS_OF_EXECUTION_ONLY, t, Some(id)),
+            LogScope::TaskRun(t, id) => (sql::EVENTS_OF_TASK_RUN, t, Some(id)),
         };
         let mut q = sqlx::query_as::<_, EventRow>(sql).bind(tenant);
         if let Some(id) = id {

@@ -12,6 +12,8 @@ pub(crate) const EVENTS_OF_TENANT: &str = "SELECT seq, tenant_id, execution_id, 
      FROM events WHERE tenant_id = ? AND seq > ? ORDER BY seq LIMIT ?";
 pub(crate) const EVENTS_OF_EXECUTION: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload \
      FROM events WHERE tenant_id = ? AND execution_id = ? AND seq > ? ORDER BY seq LIMIT ?";
+pub(crate) const EVENTS_OF_EXECUTION_ONLY: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload \
+     FROM events WHERE tenant_id = ? AND execution_id = ? AND task_run_id IS NULL AND seq > ? ORDER BY seq LIMIT ?";
 pub(crate) const EVENTS_OF_TASK_RUN: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload \
      FROM events WHERE tenant_id = ? AND task_run_id = ? AND seq > ? ORDER BY seq LIMIT ?";
 pub(crate) const EXECUTION_BY_REQUEST_ID: &str =

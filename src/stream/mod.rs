@@ -10,4 +10,4 @@ mod subscription;
 pub use feed::{Feed, LoggedEvent};
 pub use filter::EventFilter;
 pub use message::EventMessage;
-pub use subscription::{Ending, Subscription};
+pub use subscription::Subscription;
