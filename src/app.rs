@@ -58,7 +58,10 @@ pub struct App {
 impl App {
     /// Opens the database and binds the listener (port 0 picks a free one).
     pub async fn build(config: Config) -> Result<App, StartError> {
-        let feed = Feed::new(config.live_buffer as usize);
+        let feed = Feed::with_limits(
+            config.live_buffer as usize,
+            config.live_buffer_bytes as usize,
+        );
         let (store, writer) = Store::open(&config.database_url(), config.durability, feed.clone())
             .await
             .map_err(StartError::Store)?;
@@ -172,6 +175,8 @@ impl App {
             })
         });
         let server = Server::builder()
+            // What clients that do not read cost stays bounded.
+            .layer(grpc::send_budget::SendBudgetLayer::new())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

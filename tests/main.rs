@@ -8,6 +8,7 @@ mod helpers;
 mod ledger;
 mod orchestration;
 mod run_streams;
+mod stalled_streams;
 mod streams;
 mod tenancy;
 mod validation;

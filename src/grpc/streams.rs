@@ -39,7 +39,7 @@ struct Start {
 impl Streams {
     fn open(
         &self,
-        rx: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::stream::LoggedEvent>>,
+        rx: crate::stream::FeedReceiver,
         scope: LogScope,
         filter: EventFilter,
         start: Start,

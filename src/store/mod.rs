@@ -276,13 +276,19 @@ impl Store {
         docs.iter().map(|d| rows::decode_doc(d)).collect()
     }
 
-    /// Up to `limit` events of `scope` with sequence above `after`, in order.
+    /// Events of `scope` with sequence above `after`, in order: up to
+    /// `limit` of them, stopping once they hold `max_bytes` (at least one
+    /// event). The flag says whether the read stopped at a bound, so that
+    /// more may follow.
     pub async fn events_after(
         &self,
         scope: &LogScope,
         after: i64,
         limit: i64,
-    ) -> Result<Vec<LoggedEvent>> {
+        max_bytes: usize,
+    ) -> Result<(Vec<LoggedEvent>, bool)> {
+        use futures::TryStreamExt;
+
         let (sql, tenant, id) = match scope {
             LogScope::Tenant(t) => (sql::EVENTS_OF_TENANT, t, None),
             LogScope::Execution(t, id) => (sql::EVENTS_OF_EXECUTION, t, Some(id)),
@@ -293,8 +299,18 @@ impl Store {
         if let Some(id) = id {
             q = q.bind(id);
         }
-        let rows = q.bind(after).bind(limit).fetch_all(&self.read).await?;
-        Ok(rows.into_iter().map(EventRow::into_logged).collect())
+        let mut rows = q.bind(after).bind(limit).fetch(&self.read);
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        while let Some(row) = rows.try_next().await? {
+            bytes += row.payload.len();
+            events.push(row.into_logged());
+            if bytes >= max_bytes {
+                return Ok((events, true));
+            }
+        }
+        let full = events.len() as i64 == limit;
+        Ok((events, full))
     }
 
     /// The latest sequence the log has given out.

@@ -1,17 +1,19 @@
-use std::{collections::VecDeque, sync::Arc};
+use std::collections::VecDeque;
 
-use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 
-use super::{EventFilter, EventMessage, LoggedEvent};
+use super::{EventFilter, EventMessage, FeedReceiver, LoggedEvent, Received};
 use crate::{
     Error, Result,
     grpc::pb,
     store::{LogScope, Store},
 };
 
-/// How many events one read of the log returns.
+/// How many events one read of the log returns at most.
 const LOG_PAGE: i64 = 1000;
+/// About how many bytes of events one read of the log returns: what a
+/// subscriber holds while its client is not reading.
+const LOG_PAGE_BYTES: usize = 64 * 1024;
 
 /// When a subscription ends by itself. A per-run stream ends after the
 /// first event that shows its run terminal; if the run's DELETED event is
@@ -39,7 +41,7 @@ enum End {
 #[derive(Debug)]
 pub struct Subscription {
     store: Store,
-    rx: broadcast::Receiver<Arc<LoggedEvent>>,
+    rx: FeedReceiver,
     scope: LogScope,
     filter: EventFilter,
     end: End,
@@ -57,7 +59,7 @@ impl Subscription {
     /// there before following the feed. A per-run scope ends with its run.
     pub fn new(
         store: Store,
-        rx: broadcast::Receiver<Arc<LoggedEvent>>,
+        rx: FeedReceiver,
         scope: LogScope,
         filter: EventFilter,
         shutdown: CancellationToken,
@@ -131,18 +133,17 @@ impl Subscription {
             let received = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return self.fail(Error::Unavailable),
-                r = self.rx.recv() => r,
+                r = self.rx.next_after(self.last) => r,
             };
             match received {
-                Ok(e) if e.seq <= self.last => {}
-                Ok(e) => {
+                Received::Event(e) => {
                     if let Some(message) = self.take(&e) {
                         return Some(Ok(message));
                     }
                 }
                 // Fallen behind the feed: the log has everything.
-                Err(RecvError::Lagged(_)) => self.read_log = true,
-                Err(RecvError::Closed) => return self.fail(Error::Unavailable),
+                Received::Lagged => self.read_log = true,
+                Received::Closed => return self.fail(Error::Unavailable),
             }
         }
     }
@@ -164,14 +165,13 @@ impl Subscription {
     }
 
     async fn read_log_page(&mut self) -> Result<()> {
-        let page = self
+        let (page, full) = self
             .store
-            .events_after(&self.scope, self.last, LOG_PAGE)
+            .events_after(&self.scope, self.last, LOG_PAGE, LOG_PAGE_BYTES)
             .await?;
         // Checked after the read: if retention removed anything past our
         // position, the page may have a hole.
         self.check_retention().await?;
-        let full = page.len() as i64 == LOG_PAGE;
         for e in page {
             if let End::After(seq) = self.end
                 && e.seq > seq
@@ -198,12 +198,15 @@ impl Subscription {
         };
         let mut after = seq;
         loop {
-            let page = self.store.events_after(&run, after, LOG_PAGE).await?;
+            let (page, full) = self
+                .store
+                .events_after(&run, after, LOG_PAGE, LOG_PAGE_BYTES)
+                .await?;
             self.check_retention_at(after).await?;
             match last_word(&page) {
                 Word::Deleted(seq) => return Ok(Some(seq)),
                 Word::Reopened => return Ok(None),
-                Word::Undecided if page.len() as i64 == LOG_PAGE => {
+                Word::Undecided if full => {
                     after = page.last().map_or(after, |e| e.seq);
                 }
                 Word::Undecided => return Ok(None),
