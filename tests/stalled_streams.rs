@@ -207,3 +207,152 @@ async fn stalled_streams_cost_little_memory_and_lose_nothing() {
         CONNECTIONS * STREAMS_PER_CONNECTION
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_many_task_runs_is_read_a_page_at_a_time() {
+    const RUNS: usize = 200;
+    const STREAMS: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Process::start(&db_path(dir.path()));
+    let pid = server.child.id();
+    let channel = connect(server.addr).await;
+    let mut execs = ExecutionServiceClient::new(channel.clone());
+    let mut tasks = TaskRunServiceClient::new(channel.clone());
+    let exec = execs
+        .create_execution(goal("many task runs"))
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+    let set_exec = |t: pb::StateType| pb::SetExecutionStateRequest {
+        id: exec.id.clone(),
+        state: state(t),
+        ..Default::default()
+    };
+    execs
+        .set_execution_state(set_exec(pb::StateType::Running))
+        .await
+        .unwrap();
+    let output = prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(
+            "x".repeat(OUTPUT_BYTES),
+        )),
+    };
+    for i in 0..RUNS {
+        let t = tasks
+            .create_task_run(pb::CreateTaskRunRequest {
+                execution_id: exec.id.clone(),
+                task_key: format!("k{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task_run
+            .unwrap();
+        for (s, output) in [
+            (pb::StateType::Running, None),
+            (pb::StateType::Completed, Some(output.clone())),
+        ] {
+            tasks
+                .set_task_run_state(pb::SetTaskRunStateRequest {
+                    id: t.id.clone(),
+                    state: state(s),
+                    output,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
+
+    // Clients that open their streams and do not read them: the default
+    // HTTP/2 windows stop the server after the first few task runs.
+    let mut readers = execs.clone();
+    // On connections of their own: unread streams use up a connection's
+    // window too.
+    let before = proc_kib(pid, "VmRSS:");
+    let mut streams = Vec::new();
+    for i in 0..STREAMS {
+        if i % 10 == 0 {
+            readers = ExecutionServiceClient::new(connect(server.addr).await);
+        }
+        let s = readers
+            .stream_execution_status(pb::StreamExecutionStatusRequest {
+                id: exec.id.clone(),
+                include_task_runs: true,
+                after_sequence: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push(s);
+    }
+    let peak = proc_kib(pid, "VmHWM:");
+
+    // Changes while the snapshots are being read: a task run created
+    // after they started shows once, in its snapshot, not again as an
+    // event; then the execution completes and the streams end.
+    let late = tasks
+        .create_task_run(pb::CreateTaskRunRequest {
+            execution_id: exec.id.clone(),
+            task_key: "late".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_run
+        .unwrap();
+    execs
+        .set_execution_state(set_exec(pb::StateType::Completed))
+        .await
+        .unwrap();
+    // Read together: unread streams hold their connection's window.
+    let readers: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let mut events = Vec::new();
+                while let Some(m) = tokio::time::timeout(WAIT, s.message())
+                    .await
+                    .expect("the stream moves on")
+                    .expect("no error")
+                {
+                    events.push(m.event.unwrap());
+                }
+                events
+            })
+        })
+        .collect();
+    for r in readers {
+        let events = r.await.unwrap();
+        let snapshots = events
+            .iter()
+            .take_while(|e| event_kind(e) == pb::EventKind::Snapshot)
+            .count();
+        assert_eq!(snapshots, 1 + RUNS + 1, "the execution and every task run");
+        let late_ones = events
+            .iter()
+            .filter(|e| {
+                matches!(&e.resource, Some(pb::status_event::Resource::TaskRun(t)) if t.id == late.id)
+            })
+            .count();
+        assert_eq!(late_ones, 1, "the late task run once");
+        let rest: Vec<_> = events[snapshots..].iter().map(event_kind).collect();
+        assert_eq!(
+            rest,
+            [pb::EventKind::StateChanged],
+            "then the execution's end"
+        );
+    }
+    server.kill();
+    let grew = peak.saturating_sub(before);
+    // Read whole, each snapshot held every task run's output (over 100 MB
+    // here); a page at a time, a few MB.
+    assert!(
+        grew < 48 * 1024,
+        "resident memory grew by {grew} KiB (from {before} KiB) for {STREAMS} unread snapshots"
+    );
+}

@@ -32,6 +32,9 @@ struct Start {
     after: i64,
     read_log: bool,
     snapshot: Vec<pb::StatusEvent>,
+    /// The execution whose snapshot goes on with more task runs, and
+    /// where their next page starts.
+    more_task_runs: Option<(ExecutionId, crate::store::Cursor)>,
     /// The run is terminal at the start: nothing follows but its delete.
     ended: bool,
 }
@@ -56,6 +59,7 @@ impl Streams {
             start.read_log,
         )
         .prepend(start.snapshot, start.ended)
+        .then_task_runs_after(start.more_task_runs)
     }
 
     /// A cursor's start: refused if retention passed it; already ended if
@@ -67,6 +71,7 @@ impl Streams {
             after,
             read_log: true,
             snapshot: Vec::new(),
+            more_task_runs: None,
             ended: terminal && last_seq <= after,
         })
     }
@@ -108,6 +113,7 @@ impl Streams {
             let mut events = vec![convert::snapshot(Resource::Execution(&exec), seq)];
             events.extend(
                 snap.task_runs
+                    .runs
                     .iter()
                     .map(|(t, s)| convert::snapshot(Resource::TaskRun(t), *s)),
             );
@@ -116,6 +122,7 @@ impl Streams {
                 after: snap.head,
                 read_log: false,
                 snapshot: events,
+                more_task_runs: snap.task_runs.next.map(|c| (id, c)),
                 ended,
             }
         } else {
@@ -149,6 +156,7 @@ impl Streams {
                 after: head,
                 read_log: false,
                 snapshot: events,
+                more_task_runs: None,
                 ended,
             }
         } else {
@@ -174,6 +182,7 @@ impl Streams {
                 after: head,
                 read_log: false,
                 snapshot: Vec::new(),
+                more_task_runs: None,
                 ended: false,
             }
         } else {

@@ -131,11 +131,25 @@ impl LogScope {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub execution: Option<(Execution, i64)>,
-    pub task_runs: Vec<(TaskRun, i64)>,
+    /// The first page of its task runs, when asked for.
+    pub task_runs: TaskRunPage,
     /// The log's head when the snapshot was read: everything up to here is
     /// reflected in it.
     pub head: i64,
 }
+
+/// Task runs of an execution in creation order, each with the sequence of
+/// its latest event, and where the next page starts if one may follow.
+#[derive(Debug, Clone, Default)]
+pub struct TaskRunPage {
+    pub runs: Vec<(TaskRun, i64)>,
+    pub next: Option<Cursor>,
+}
+
+/// How many task runs a page of a snapshot holds at most.
+const SNAPSHOT_PAGE: i64 = 100;
+/// About how many bytes of documents a page of a snapshot holds.
+const SNAPSHOT_PAGE_BYTES: usize = 64 * 1024;
 
 /// A handle to the store; cheap to clone.
 #[derive(Debug, Clone)]
@@ -345,22 +359,28 @@ impl Store {
         let execution = row
             .map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s)))
             .transpose()?;
-        let mut task_runs = Vec::new();
-        if include_task_runs && execution.is_some() {
-            let rows: Vec<(String, i64)> = sqlx::query_as(sql::TASK_RUNS_OF_EXECUTION)
-                .bind(id.to_string())
-                .fetch_all(&mut *tx)
-                .await?;
-            for (d, s) in rows {
-                task_runs.push((rows::decode_doc(&d)?, s));
-            }
-        }
+        let task_runs = if include_task_runs && execution.is_some() {
+            task_runs_page(&mut tx, id, None).await?
+        } else {
+            TaskRunPage::default()
+        };
         tx.commit().await?;
         Ok(Snapshot {
             execution,
             task_runs,
             head,
         })
+    }
+
+    /// The next page of an execution's task runs for a snapshot, after
+    /// `after` in creation order, as they are now.
+    pub async fn task_runs_after(
+        &self,
+        execution: ExecutionId,
+        after: &Cursor,
+    ) -> Result<TaskRunPage> {
+        let mut conn = self.read.acquire().await?;
+        task_runs_page(&mut conn, execution, Some(after)).await
     }
 
     /// A task run with the log head, read in one consistent transaction.
@@ -425,6 +445,40 @@ impl Store {
     pub async fn close_reads(&self) {
         self.read.close().await;
     }
+}
+
+/// Up to a page of an execution's task runs after `after`, in creation
+/// order, bounded by count and by the bytes of their documents.
+async fn task_runs_page(
+    conn: &mut SqliteConnection,
+    execution: ExecutionId,
+    after: Option<&Cursor>,
+) -> Result<TaskRunPage> {
+    use futures::TryStreamExt;
+
+    let (created_at, id) =
+        after.map_or((i64::MIN, String::new()), |c| (c.created_at, c.id.clone()));
+    let mut rows = sqlx::query_as::<_, (String, i64, i64, String)>(sql::TASK_RUNS_OF_EXECUTION)
+        .bind(execution.to_string())
+        .bind(created_at)
+        .bind(id)
+        .bind(SNAPSHOT_PAGE)
+        .fetch(&mut *conn);
+    let mut page = TaskRunPage::default();
+    let mut bytes = 0;
+    let mut last = None;
+    while let Some((doc, seq, created_at, id)) = rows.try_next().await? {
+        bytes += doc.len();
+        page.runs.push((rows::decode_doc(&doc)?, seq));
+        last = Some(Cursor { created_at, id });
+        if bytes >= SNAPSHOT_PAGE_BYTES {
+            break;
+        }
+    }
+    if bytes >= SNAPSHOT_PAGE_BYTES || page.runs.len() as i64 == SNAPSHOT_PAGE {
+        page.next = last;
+    }
+    Ok(page)
 }
 
 /// Copies committed WAL pages back into the database file, beside the

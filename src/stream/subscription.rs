@@ -1,12 +1,13 @@
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use tokio_util::sync::CancellationToken;
 
 use super::{EventFilter, EventMessage, FeedReceiver, LoggedEvent, Received};
 use crate::{
     Error, Result,
-    grpc::pb,
-    store::{LogScope, Store},
+    domain::{ExecutionId, Resource},
+    grpc::{convert, pb},
+    store::{Cursor, LogScope, Store},
 };
 
 /// How many events one read of the log returns at most.
@@ -52,6 +53,12 @@ pub struct Subscription {
     ready: VecDeque<EventMessage>,
     read_log: bool,
     done: bool,
+    /// The rest of a snapshot still to read, a page at a time: its
+    /// execution and where its next page of task runs starts.
+    snapshot_rest: Option<(ExecutionId, Cursor)>,
+    /// Task runs whose snapshot, read after the starting point, already
+    /// reflects their events up to this sequence.
+    reflected: HashMap<String, i64>,
 }
 
 impl Subscription {
@@ -81,6 +88,8 @@ impl Subscription {
             ready: VecDeque::new(),
             read_log,
             done: false,
+            snapshot_rest: None,
+            reflected: HashMap::new(),
         }
     }
 
@@ -95,6 +104,13 @@ impl Subscription {
         self
     }
 
+    /// The snapshot goes on with the task runs of an execution after a
+    /// cursor, read a page at a time as the client takes them.
+    pub fn then_task_runs_after(mut self, rest: Option<(ExecutionId, Cursor)>) -> Self {
+        self.snapshot_rest = rest;
+        self
+    }
+
     /// The next event, an error that ends the stream, or None at its end.
     pub async fn next(&mut self) -> Option<Result<EventMessage>> {
         loop {
@@ -106,6 +122,12 @@ impl Subscription {
             }
             if self.shutdown.is_cancelled() {
                 return self.fail(Error::Unavailable);
+            }
+            if let Some((execution, cursor)) = self.snapshot_rest.take() {
+                if let Err(e) = self.read_snapshot_page(execution, &cursor).await {
+                    return self.fail(e);
+                }
+                continue;
             }
             if let End::Terminal(seq) = self.end {
                 match self.delete_after(seq).await {
@@ -148,16 +170,43 @@ impl Subscription {
         }
     }
 
+    /// Reads the next page of the snapshot's task runs. Those read after
+    /// the starting point may reflect later events: each such event is
+    /// passed over, as its run's snapshot already shows it.
+    async fn read_snapshot_page(&mut self, execution: ExecutionId, cursor: &Cursor) -> Result<()> {
+        let page = self.store.task_runs_after(execution, cursor).await?;
+        for (run, seq) in &page.runs {
+            if *seq > self.last {
+                self.reflected.insert(run.id.to_string(), *seq);
+            }
+            self.ready.push_back(EventMessage::new(convert::snapshot(
+                Resource::TaskRun(run),
+                *seq,
+            )));
+        }
+        self.snapshot_rest = page.next.map(|c| (execution, c));
+        Ok(())
+    }
+
     /// Moves past `e`, the next event after `last`: the message to
-    /// deliver if it is in scope and matches the filter.
+    /// deliver if it is in scope and matches the filter, and not already
+    /// shown by a snapshot.
     fn take(&mut self, e: &LoggedEvent) -> Option<EventMessage> {
         self.last = e.seq;
+        if let Some(id) = &e.task_run_id
+            && let Some(&shown) = self.reflected.get(id)
+        {
+            if e.seq <= shown {
+                return None;
+            }
+            self.reflected.remove(id);
+        }
         if !self.scope.matches(e) || !self.filter.matches(e) {
             return None;
         }
         if self.end == End::AtTerminal
             && self.scope.is_own(e)
-            && crate::grpc::convert::is_terminal(e.state_type())
+            && convert::is_terminal(e.state_type())
         {
             self.end = End::Terminal(e.seq);
         }
@@ -257,7 +306,7 @@ fn last_word(events: &[LoggedEvent]) -> Word {
         if e.event().kind == pb::EventKind::Deleted as i32 {
             return Word::Deleted(e.seq);
         }
-        if !crate::grpc::convert::is_terminal(e.state_type()) {
+        if !convert::is_terminal(e.state_type()) {
             return Word::Reopened;
         }
     }
