@@ -102,7 +102,11 @@ impl Streams {
             include_task_runs,
             ..EventFilter::default()
         };
-        let scope = LogScope::Execution(tenant.clone(), id.to_string());
+        let scope = if include_task_runs {
+            LogScope::Execution(tenant.clone(), id.to_string())
+        } else {
+            LogScope::ExecutionOnly(tenant.clone(), id.to_string())
+        };
         let start = if after == 0 {
             let snap = store
                 .execution_snapshot(&tenant, id, include_task_runs)

@@ -312,3 +312,48 @@ fn last_word(events: &[LoggedEvent]) -> Word {
     }
     Word::Undecided
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    fn event(seq: i64, kind: pb::EventKind, state: pb::StateType) -> LoggedEvent {
+        let status = pb::StatusEvent {
+            sequence: seq,
+            kind: kind as i32,
+            resource: Some(pb::status_event::Resource::TaskRun(pb::TaskRun {
+                state: Some(pb::State {
+                    r#type: state as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        LoggedEvent::from_log(
+            seq,
+            "t".into(),
+            "e".into(),
+            Some("r".into()),
+            None,
+            &status.encode_to_vec(),
+        )
+    }
+
+    #[test]
+    fn a_terminal_runs_delete_is_its_last_word_unless_it_was_reopened_first() {
+        use pb::{EventKind::*, StateType::*};
+        let stale = event(5, Updated, Completed);
+        let deleted = event(6, Deleted, Completed);
+        let reopened = event(7, StateChanged, Running);
+        assert_eq!(
+            last_word(&[stale.clone(), deleted.clone()]),
+            Word::Deleted(6)
+        );
+        assert_eq!(last_word(&[reopened, deleted]), Word::Reopened);
+        assert_eq!(last_word(&[stale]), Word::Undecided);
+        assert_eq!(last_word(&[]), Word::Undecided);
+    }
+}
