@@ -83,8 +83,8 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
-const CONNECTIONS: usize = 8;
-const STREAMS_PER_CONNECTION: usize = 25;
+const CONNECTIONS: usize = 20;
+const STREAMS_PER_CONNECTION: usize = 10;
 const TASK_RUNS: usize = 128;
 const OUTPUT_BYTES: usize = 16 * 1024;
 

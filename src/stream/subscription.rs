@@ -251,7 +251,8 @@ impl Subscription {
                 .store
                 .events_after(&run, after, LOG_PAGE, LOG_PAGE_BYTES)
                 .await?;
-            self.check_retention_at(after).await?;
+            // No retention check: a delete old enough to be pruned is not
+            // looked for; the stream ends where it is.
             match last_word(&page) {
                 Word::Deleted(seq) => return Ok(Some(seq)),
                 Word::Reopened => return Ok(None),
@@ -263,13 +264,10 @@ impl Subscription {
         }
     }
 
+    /// Refuses to go on from `last` if retention removed events after it:
+    /// a read from there may have a hole.
     async fn check_retention(&self) -> Result<()> {
-        self.check_retention_at(self.last).await
-    }
-
-    /// Refuses to go on from `position` if retention removed events after
-    /// it: a read from there may have a hole.
-    async fn check_retention_at(&self, position: i64) -> Result<()> {
+        let position = self.last;
         let compacted = self.store.compacted_seq().await?;
         if compacted > position {
             return Err(Error::OutOfRange(format!(
