@@ -74,7 +74,10 @@ impl App {
             addr: config.listen,
             source,
         })?;
-        let feed = Feed::new(config.live_buffer as usize);
+        let feed = Feed::with_limits(
+            config.live_buffer as usize,
+            config.live_buffer_bytes as usize,
+        );
         let (store, writer) =
             Store::open(&config.database_url(), config.durability, feed.clone()).await?;
         let keys = store.load_keys().await.map_err(StartError::Store)?;
@@ -190,6 +193,8 @@ impl App {
             })
         });
         let server = Server::builder()
+            // What clients that do not read cost stays bounded.
+            .layer(grpc::send_budget::SendBudgetLayer::new())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

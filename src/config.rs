@@ -128,6 +128,11 @@ pub struct Config {
     #[arg(long, env = "RUNLEDGER_LIVE_BUFFER", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     pub live_buffer: u32,
 
+    /// How many bytes of recent events are held in memory at most (within
+    /// --live-buffer); a subscriber further behind reads from the log.
+    #[arg(long, env = "RUNLEDGER_LIVE_BUFFER_BYTES", default_value_t = crate::stream::LIVE_BUFFER_BYTES as u64, value_parser = clap::value_parser!(u64).range(65_536..=4_294_967_296))]
+    pub live_buffer_bytes: u64,
+
     /// How long shutdown waits for open calls before closing them.
     #[arg(long, env = "RUNLEDGER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "5s")]
     pub shutdown_grace: Duration,

@@ -97,10 +97,16 @@ pub struct Process {
 
 impl Process {
     pub fn start(db: &Path) -> Process {
+        Self::start_with_env(db, &[])
+    }
+
+    /// Starts with these environment variables (its settings) added.
+    pub fn start_with_env(db: &Path, env: &[(&str, &str)]) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_runledger"))
             .args(["serve", "--listen", "127.0.0.1:0", "--database"])
             .arg(db)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

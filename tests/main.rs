@@ -9,6 +9,8 @@ mod history;
 mod idempotency;
 mod ledger;
 mod orchestration;
+mod run_streams;
+mod stalled_streams;
 mod startup;
 mod streams;
 mod supervision;

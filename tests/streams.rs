@@ -9,10 +9,10 @@ use tonic::{Code, Streaming};
 
 use crate::helpers::*;
 
-const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
 /// The next `n` events of a stream.
-async fn take<R>(
+pub(crate) async fn take<R>(
     s: &mut Streaming<R>,
     n: usize,
     event: fn(R) -> pb::StatusEvent,
@@ -29,25 +29,25 @@ async fn take<R>(
     out
 }
 
-fn ev_exec(r: pb::StreamExecutionStatusResponse) -> pb::StatusEvent {
+pub(crate) fn ev_exec(r: pb::StreamExecutionStatusResponse) -> pb::StatusEvent {
     r.event.unwrap()
 }
-fn ev_task(r: pb::StreamTaskRunStatusResponse) -> pb::StatusEvent {
+pub(crate) fn ev_task(r: pb::StreamTaskRunStatusResponse) -> pb::StatusEvent {
     r.event.unwrap()
 }
-fn ev_sub(r: pb::SubscribeResponse) -> pb::StatusEvent {
+pub(crate) fn ev_sub(r: pb::SubscribeResponse) -> pb::StatusEvent {
     r.event.unwrap()
 }
 
 /// Asserts the stream ends cleanly (OK) next.
-async fn assert_ends<R>(s: &mut Streaming<R>) {
+pub(crate) async fn assert_ends<R>(s: &mut Streaming<R>) {
     let next = tokio::time::timeout(WAIT, s.message())
         .await
         .expect("the stream ends");
     assert!(matches!(next, Ok(None)), "expected the end of the stream");
 }
 
-async fn stream_execution(
+pub(crate) async fn stream_execution(
     app: &TestApp,
     id: &str,
     include_task_runs: bool,
@@ -65,7 +65,10 @@ async fn stream_execution(
         .into_inner()
 }
 
-async fn subscribe(app: &TestApp, req: pb::SubscribeRequest) -> Streaming<pb::SubscribeResponse> {
+pub(crate) async fn subscribe(
+    app: &TestApp,
+    req: pb::SubscribeRequest,
+) -> Streaming<pb::SubscribeResponse> {
     app.events
         .clone()
         .subscribe(req)
@@ -74,7 +77,7 @@ async fn subscribe(app: &TestApp, req: pb::SubscribeRequest) -> Streaming<pb::Su
         .into_inner()
 }
 
-fn exec_state(e: &pb::StatusEvent) -> pb::StateType {
+pub(crate) fn exec_state(e: &pb::StatusEvent) -> pb::StateType {
     match e.resource.as_ref().unwrap() {
         pb::status_event::Resource::Execution(x) => state_of(x),
         pb::status_event::Resource::TaskRun(t) => {
@@ -83,7 +86,7 @@ fn exec_state(e: &pb::StatusEvent) -> pb::StateType {
     }
 }
 
-fn seqs(events: &[pb::StatusEvent]) -> Vec<i64> {
+pub(crate) fn seqs(events: &[pb::StatusEvent]) -> Vec<i64> {
     events.iter().map(|e| e.sequence).collect()
 }
 
@@ -184,7 +187,7 @@ async fn mixed_history(app: &TestApp) -> String {
 }
 
 /// Every sequence a finite stream delivers until it ends.
-async fn drain(mut s: Streaming<pb::StreamExecutionStatusResponse>) -> Vec<i64> {
+pub(crate) async fn drain(mut s: Streaming<pb::StreamExecutionStatusResponse>) -> Vec<i64> {
     let mut out = Vec::new();
     while let Some(m) = tokio::time::timeout(WAIT, s.message())
         .await
@@ -546,7 +549,7 @@ async fn a_task_run_stream_ends_when_the_task_run_is_terminal() {
         [Running, Failed]
     );
     assert_ends(&mut s).await;
-    // Another execution event does not end or enter the stream.
+    // An unknown task run is not found.
     let unknown = app
         .task_runs
         .clone()

@@ -8,6 +8,7 @@ mod events;
 mod execution;
 pub mod limits;
 mod requests;
+pub mod send_budget;
 mod status;
 mod streams;
 mod task_run;

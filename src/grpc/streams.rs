@@ -13,7 +13,7 @@ use crate::{
     domain::{Caller, ExecutionId, Resource, TaskRunId},
     orchestration::Ledger,
     store::LogScope,
-    stream::{Ending, EventFilter, EventMessage, Feed, Subscription},
+    stream::{EventFilter, EventMessage, Feed, Subscription},
 };
 
 pub(crate) type EventStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>;
@@ -32,17 +32,19 @@ struct Start {
     after: i64,
     read_log: bool,
     snapshot: Vec<pb::StatusEvent>,
-    /// The run is terminal and nothing after the start concerns it.
+    /// The execution whose snapshot goes on with more task runs, and
+    /// where their next page starts.
+    more_task_runs: Option<(ExecutionId, crate::store::Cursor)>,
+    /// The run is terminal at the start: nothing follows but its delete.
     ended: bool,
 }
 
 impl Streams {
     fn open(
         &self,
-        rx: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::stream::LoggedEvent>>,
+        rx: crate::stream::FeedReceiver,
         scope: LogScope,
         filter: EventFilter,
-        ending: Ending,
         start: Start,
     ) -> Subscription {
         let store = self.ledger.store().clone();
@@ -52,22 +54,24 @@ impl Streams {
             rx,
             scope,
             filter,
-            ending,
             shutdown,
             start.after,
             start.read_log,
         )
         .prepend(start.snapshot, start.ended)
+        .then_task_runs_after(start.more_task_runs)
     }
 
     /// A cursor's start: refused if retention passed it; already ended if
-    /// the run is terminal and its last event is not after the cursor.
+    /// the run is terminal and its last event is not after the cursor
+    /// (but for a delete still to come).
     async fn resume_at(&self, after: i64, terminal: bool, last_seq: i64) -> Result<Start> {
         self.check_cursor(after).await?;
         Ok(Start {
             after,
             read_log: true,
             snapshot: Vec::new(),
+            more_task_runs: None,
             ended: terminal && last_seq <= after,
         })
     }
@@ -95,12 +99,14 @@ impl Streams {
         let store = self.ledger.store();
         let tenant = caller.tenant_id.clone();
         let filter = EventFilter {
-            execution_ids: vec![id.to_string()],
             include_task_runs,
             ..EventFilter::default()
         };
-        let scope = LogScope::Execution(tenant.clone(), id);
-        let ending = Ending::Execution(id.to_string());
+        let scope = if include_task_runs {
+            LogScope::Execution(tenant.clone(), id.to_string())
+        } else {
+            LogScope::ExecutionOnly(tenant.clone(), id.to_string())
+        };
         let start = if after == 0 {
             let snap = store
                 .execution_snapshot(&tenant, id, include_task_runs)
@@ -111,6 +117,7 @@ impl Streams {
             let mut events = vec![convert::snapshot(Resource::Execution(&exec), seq)];
             events.extend(
                 snap.task_runs
+                    .runs
                     .iter()
                     .map(|(t, s)| convert::snapshot(Resource::TaskRun(t), *s)),
             );
@@ -119,6 +126,7 @@ impl Streams {
                 after: snap.head,
                 read_log: false,
                 snapshot: events,
+                more_task_runs: snap.task_runs.next.map(|c| (id, c)),
                 ended,
             }
         } else {
@@ -126,7 +134,7 @@ impl Streams {
             self.resume_at(after, exec.run.state.state_type.is_terminal(), last_seq)
                 .await?
         };
-        Ok(self.open(rx, scope, filter, ending, start))
+        Ok(self.open(rx, scope, filter, start))
     }
 
     pub(crate) async fn task_run(
@@ -142,8 +150,7 @@ impl Streams {
             include_task_runs: true,
             ..EventFilter::default()
         };
-        let scope = LogScope::TaskRun(tenant.clone(), id);
-        let ending = Ending::TaskRun(id.to_string());
+        let scope = LogScope::TaskRun(tenant.clone(), id.to_string());
         let start = if after == 0 {
             let (run, head) = store.task_run_snapshot(&tenant, id).await?;
             let (run, seq) = run.ok_or_else(|| crate::orchestration::task_run_not_found(id))?;
@@ -153,6 +160,7 @@ impl Streams {
                 after: head,
                 read_log: false,
                 snapshot: events,
+                more_task_runs: None,
                 ended,
             }
         } else {
@@ -160,7 +168,7 @@ impl Streams {
             self.resume_at(after, run.run.state.state_type.is_terminal(), last_seq)
                 .await?
         };
-        Ok(self.open(rx, scope, filter, ending, start))
+        Ok(self.open(rx, scope, filter, start))
     }
 
     pub(crate) async fn tenant(
@@ -178,12 +186,13 @@ impl Streams {
                 after: head,
                 read_log: false,
                 snapshot: Vec::new(),
+                more_task_runs: None,
                 ended: false,
             }
         } else {
             self.resume_at(after, false, 0).await?
         };
-        Ok(self.open(rx, scope, filter, Ending::Never, start))
+        Ok(self.open(rx, scope, filter, start))
     }
 }
 

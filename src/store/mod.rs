@@ -69,19 +69,65 @@ pub struct TaskRunFilter {
     pub stale: Option<bool>,
 }
 
-/// Which part of the log a stream reads.
+/// Which part of the log a stream reads: the same scope selects the rows
+/// of a log read (in SQL) and the events a live subscriber takes from the
+/// feed (`matches`).
 #[derive(Debug, Clone)]
 pub enum LogScope {
+    /// Every event of the tenant.
     Tenant(String),
-    Execution(String, ExecutionId),
-    TaskRun(String, TaskRunId),
+    /// An execution's events and its task runs' events: tenant, execution
+    /// id (as text, the way events carry it).
+    Execution(String, String),
+    /// An execution's own events, without its task runs'.
+    ExecutionOnly(String, String),
+    /// One task run's events: tenant, task run id.
+    TaskRun(String, String),
 }
 
 impl LogScope {
     /// The tenant whose events these are.
     pub fn tenant(&self) -> &str {
         match self {
-            LogScope::Tenant(t) | LogScope::Execution(t, _) | LogScope::TaskRun(t, _) => t,
+            LogScope::Tenant(t)
+            | LogScope::Execution(t, _)
+            | LogScope::ExecutionOnly(t, _)
+            | LogScope::TaskRun(t, _) => t,
+        }
+    }
+
+    /// Whether `e` is in the scope: what a log read of the scope returns.
+    pub fn matches(&self, e: &LoggedEvent) -> bool {
+        e.tenant_id == self.tenant()
+            && match self {
+                LogScope::Tenant(_) => true,
+                LogScope::Execution(_, id) => &e.execution_id == id,
+                LogScope::ExecutionOnly(_, id) => &e.execution_id == id && e.task_run_id.is_none(),
+                LogScope::TaskRun(_, id) => e.task_run_id.as_ref() == Some(id),
+            }
+    }
+
+    /// Whether `e` is about the scope's run itself: for a per-run scope,
+    /// what a log read of [`LogScope::run`] returns; never for a tenant.
+    pub fn is_own(&self, e: &LoggedEvent) -> bool {
+        match self {
+            LogScope::Tenant(_) => false,
+            LogScope::Execution(t, id) | LogScope::ExecutionOnly(t, id) => {
+                &e.tenant_id == t && &e.execution_id == id && e.task_run_id.is_none()
+            }
+            LogScope::TaskRun(..) => self.matches(e),
+        }
+    }
+
+    /// The scope of the run itself, for a per-run scope: an execution
+    /// without its task runs, or the task run.
+    pub fn run(&self) -> Option<LogScope> {
+        match self {
+            LogScope::Tenant(_) => None,
+            LogScope::Execution(t, id) | LogScope::ExecutionOnly(t, id) => {
+                Some(LogScope::ExecutionOnly(t.clone(), id.clone()))
+            }
+            LogScope::TaskRun(..) => Some(self.clone()),
         }
     }
 }
@@ -91,11 +137,25 @@ impl LogScope {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub execution: Option<(Execution, i64)>,
-    pub task_runs: Vec<(TaskRun, i64)>,
+    /// The first page of its task runs, when asked for.
+    pub task_runs: TaskRunPage,
     /// The log's head when the snapshot was read: everything up to here is
     /// reflected in it.
     pub head: i64,
 }
+
+/// Task runs of an execution in creation order, each with the sequence of
+/// its latest event, and where the next page starts if one may follow.
+#[derive(Debug, Clone, Default)]
+pub struct TaskRunPage {
+    pub runs: Vec<(TaskRun, i64)>,
+    pub next: Option<Cursor>,
+}
+
+/// How many task runs a page of a snapshot holds at most.
+const SNAPSHOT_PAGE: i64 = 100;
+/// About how many bytes of documents a page of a snapshot holds.
+const SNAPSHOT_PAGE_BYTES: usize = 64 * 1024;
 
 /// A handle to the store; cheap to clone.
 #[derive(Debug, Clone)]
@@ -283,24 +343,41 @@ impl Store {
         Ok((states, next))
     }
 
-    /// Up to `limit` events of `scope` with sequence above `after`, in order.
+    /// Events of `scope` with sequence above `after`, in order: up to
+    /// `limit` of them, stopping once they hold `max_bytes` (at least one
+    /// event). The flag says whether the read stopped at a bound, so that
+    /// more may follow.
     pub async fn events_after(
         &self,
         scope: &LogScope,
         after: i64,
         limit: i64,
-    ) -> Result<Vec<LoggedEvent>> {
+        max_bytes: usize,
+    ) -> Result<(Vec<LoggedEvent>, bool)> {
+        use futures::TryStreamExt;
+
         let (sql, tenant, id) = match scope {
             LogScope::Tenant(t) => (sql::EVENTS_OF_TENANT, t, None),
-            LogScope::Execution(t, id) => (sql::EVENTS_OF_EXECUTION, t, Some(id.to_string())),
-            LogScope::TaskRun(t, id) => (sql::EVENTS_OF_TASK_RUN, t, Some(id.to_string())),
+            LogScope::Execution(t, id) => (sql::EVENTS_OF_EXECUTION, t, Some(id)),
+            LogScope::ExecutionOnly(t, id) => (sql::EVENTS_OF_EXECUTION_ONLY, t, Some(id)),
+            LogScope::TaskRun(t, id) => (sql::EVENTS_OF_TASK_RUN, t, Some(id)),
         };
         let mut q = sqlx::query_as::<_, EventRow>(sql).bind(tenant);
         if let Some(id) = id {
             q = q.bind(id);
         }
-        let rows = q.bind(after).bind(limit).fetch_all(&self.read).await?;
-        Ok(rows.into_iter().map(EventRow::into_logged).collect())
+        let mut rows = q.bind(after).bind(limit).fetch(&self.read);
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        while let Some(row) = rows.try_next().await? {
+            bytes += row.payload.len();
+            events.push(row.into_logged());
+            if bytes >= max_bytes {
+                return Ok((events, true));
+            }
+        }
+        let full = events.len() as i64 == limit;
+        Ok((events, full))
     }
 
     /// The latest sequence the log has given out.
@@ -335,22 +412,28 @@ impl Store {
         let execution = row
             .map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s)))
             .transpose()?;
-        let mut task_runs = Vec::new();
-        if include_task_runs && execution.is_some() {
-            let rows: Vec<(String, i64)> = sqlx::query_as(sql::TASK_RUNS_OF_EXECUTION)
-                .bind(id.to_string())
-                .fetch_all(&mut *tx)
-                .await?;
-            for (d, s) in rows {
-                task_runs.push((rows::decode_doc(&d)?, s));
-            }
-        }
+        let task_runs = if include_task_runs && execution.is_some() {
+            task_runs_page(&mut tx, id, None).await?
+        } else {
+            TaskRunPage::default()
+        };
         tx.commit().await?;
         Ok(Snapshot {
             execution,
             task_runs,
             head,
         })
+    }
+
+    /// The next page of an execution's task runs for a snapshot, after
+    /// `after` in creation order, as they are now.
+    pub async fn task_runs_after(
+        &self,
+        execution: ExecutionId,
+        after: &Cursor,
+    ) -> Result<TaskRunPage> {
+        let mut conn = self.read.acquire().await?;
+        task_runs_page(&mut conn, execution, Some(after)).await
     }
 
     /// A task run with the log head, read in one consistent transaction.
@@ -431,6 +514,40 @@ impl Store {
     pub async fn close_reads(&self) {
         self.read.close().await;
     }
+}
+
+/// Up to a page of an execution's task runs after `after`, in creation
+/// order, bounded by count and by the bytes of their documents.
+async fn task_runs_page(
+    conn: &mut SqliteConnection,
+    execution: ExecutionId,
+    after: Option<&Cursor>,
+) -> Result<TaskRunPage> {
+    use futures::TryStreamExt;
+
+    let (created_at, id) =
+        after.map_or((i64::MIN, String::new()), |c| (c.created_at, c.id.clone()));
+    let mut rows = sqlx::query_as::<_, (String, i64, i64, String)>(sql::TASK_RUNS_OF_EXECUTION)
+        .bind(execution.to_string())
+        .bind(created_at)
+        .bind(id)
+        .bind(SNAPSHOT_PAGE)
+        .fetch(&mut *conn);
+    let mut page = TaskRunPage::default();
+    let mut bytes = 0;
+    let mut last = None;
+    while let Some((doc, seq, created_at, id)) = rows.try_next().await? {
+        bytes += doc.len();
+        page.runs.push((rows::decode_doc(&doc)?, seq));
+        last = Some(Cursor { created_at, id });
+        if bytes >= SNAPSHOT_PAGE_BYTES {
+            break;
+        }
+    }
+    if bytes >= SNAPSHOT_PAGE_BYTES || page.runs.len() as i64 == SNAPSHOT_PAGE {
+        page.next = last;
+    }
+    Ok(page)
 }
 
 /// Copies committed WAL pages back into the database file, beside the

@@ -89,6 +89,10 @@ async fn hot_queries_use_indexes() {
         ("task runs of an execution", sql::TASK_RUNS_OF_EXECUTION),
         ("events of a tenant", sql::EVENTS_OF_TENANT),
         ("events of an execution", sql::EVENTS_OF_EXECUTION),
+        (
+            "events of an execution alone",
+            sql::EVENTS_OF_EXECUTION_ONLY,
+        ),
         ("events of a task run", sql::EVENTS_OF_TASK_RUN),
         ("execution by request_id", sql::EXECUTION_BY_REQUEST_ID),
         ("task run by key", sql::TASK_RUN_BY_KEY),

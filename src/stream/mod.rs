@@ -7,7 +7,7 @@ mod filter;
 mod message;
 mod subscription;
 
-pub use feed::{Feed, LoggedEvent};
+pub use feed::{Feed, FeedReceiver, LIVE_BUFFER_BYTES, LoggedEvent, Received};
 pub use filter::EventFilter;
 pub use message::EventMessage;
-pub use subscription::{Ending, Subscription};
+pub use subscription::Subscription;

@@ -1,51 +1,51 @@
-use std::{collections::VecDeque, sync::Arc};
+use std::collections::{HashMap, VecDeque};
 
-use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 
-use super::{EventFilter, EventMessage, LoggedEvent};
+use super::{EventFilter, EventMessage, FeedReceiver, LoggedEvent, Received};
 use crate::{
     Error, Result,
-    grpc::pb,
-    store::{LogScope, Store},
+    domain::{ExecutionId, Resource},
+    grpc::{convert, pb},
+    store::{Cursor, LogScope, Store},
 };
 
-/// How many events one read of the log returns.
+/// How many events one read of the log returns at most.
 const LOG_PAGE: i64 = 1000;
+/// About how many bytes of events one read of the log returns: what a
+/// subscriber holds while its client is not reading.
+const LOG_PAGE_BYTES: usize = 64 * 1024;
 
-/// When a subscription ends by itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ending {
+/// When a subscription ends by itself. A per-run stream ends after the
+/// first event that shows its run terminal; if the run's DELETED event is
+/// in the log by then, later than that event and with the run still
+/// terminal, the stream delivers everything up to that DELETED event and
+/// ends after it. A subscription to a tenant never ends by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
     Never,
-    /// After the event that leaves this execution terminal.
-    Execution(String),
-    /// After the event that leaves this task run terminal.
-    TaskRun(String),
-}
-
-impl Ending {
-    fn reached_by(&self, e: &LoggedEvent) -> bool {
-        let about_target = match self {
-            Ending::Never => false,
-            Ending::Execution(id) => e.task_run_id.is_none() && &e.execution_id == id,
-            Ending::TaskRun(id) => e.task_run_id.as_deref() == Some(id),
-        };
-        about_target && crate::grpc::convert::is_terminal(e.state_type())
-    }
+    /// At the first event that shows the run terminal.
+    AtTerminal,
+    /// The run was seen terminal at this sequence: its delete, if in the
+    /// log, is still to come.
+    Terminal(i64),
+    /// After this sequence.
+    After(i64),
 }
 
 /// One subscriber's position in the event stream. It was subscribed to the
 /// live feed before anything was read, so nothing committed after its
 /// starting point can be missed: it reads the log up to the present, then
 /// follows the feed, skipping what the log already gave, and goes back to
-/// the log whenever it falls behind the feed.
+/// the log whenever it falls behind the feed. One [`LogScope`] selects its
+/// events on both paths.
 #[derive(Debug)]
 pub struct Subscription {
     store: Store,
-    rx: broadcast::Receiver<Arc<LoggedEvent>>,
+    rx: FeedReceiver,
     scope: LogScope,
     filter: EventFilter,
-    ending: Ending,
+    end: End,
     shutdown: CancellationToken,
     /// Every event up to here has been delivered or passed over.
     last: i64,
@@ -53,40 +53,61 @@ pub struct Subscription {
     ready: VecDeque<EventMessage>,
     read_log: bool,
     done: bool,
+    /// The rest of a snapshot still to read, a page at a time: its
+    /// execution and where its next page of task runs starts.
+    snapshot_rest: Option<(ExecutionId, Cursor)>,
+    /// Task runs whose snapshot, read after the starting point, already
+    /// reflects their events up to this sequence.
+    reflected: HashMap<String, i64>,
 }
 
 impl Subscription {
     /// Starts after sequence `after`; with `read_log` the log is read from
-    /// there before following the feed.
-    #[allow(clippy::too_many_arguments)]
+    /// there before following the feed. A per-run scope ends with its run.
     pub fn new(
         store: Store,
-        rx: broadcast::Receiver<Arc<LoggedEvent>>,
+        rx: FeedReceiver,
         scope: LogScope,
         filter: EventFilter,
-        ending: Ending,
         shutdown: CancellationToken,
         after: i64,
         read_log: bool,
     ) -> Self {
+        let end = match scope {
+            LogScope::Tenant(_) => End::Never,
+            _ => End::AtTerminal,
+        };
         Subscription {
             store,
             rx,
             scope,
             filter,
-            ending,
+            end,
             shutdown,
             last: after,
             ready: VecDeque::new(),
             read_log,
             done: false,
+            snapshot_rest: None,
+            reflected: HashMap::new(),
         }
     }
 
-    /// Delivers `events` first (a snapshot); with `then_end`, nothing after.
-    pub fn prepend(mut self, events: Vec<pb::StatusEvent>, then_end: bool) -> Self {
+    /// Delivers `events` first (a snapshot). With `run_terminal`, the
+    /// run was terminal at the starting point: nothing follows but its
+    /// delete, should one come after that point.
+    pub fn prepend(mut self, events: Vec<pb::StatusEvent>, run_terminal: bool) -> Self {
         self.ready.extend(events.into_iter().map(EventMessage::new));
-        self.done = then_end;
+        if run_terminal && self.end == End::AtTerminal {
+            self.end = End::Terminal(self.last);
+        }
+        self
+    }
+
+    /// The snapshot goes on with the task runs of an execution after a
+    /// cursor, read a page at a time as the client takes them.
+    pub fn then_task_runs_after(mut self, rest: Option<(ExecutionId, Cursor)>) -> Self {
+        self.snapshot_rest = rest;
         self
     }
 
@@ -102,6 +123,29 @@ impl Subscription {
             if self.shutdown.is_cancelled() {
                 return self.fail(Error::Unavailable);
             }
+            if let Some((execution, cursor)) = self.snapshot_rest.take() {
+                if let Err(e) = self.read_snapshot_page(execution, &cursor).await {
+                    return self.fail(e);
+                }
+                continue;
+            }
+            if let End::Terminal(seq) = self.end {
+                match self.delete_after(seq).await {
+                    Ok(Some(deleted)) => {
+                        self.end = End::After(deleted);
+                        self.read_log = true;
+                    }
+                    Ok(None) => self.done = true,
+                    Err(e) => return self.fail(e),
+                }
+                continue;
+            }
+            if let End::After(seq) = self.end
+                && self.last >= seq
+            {
+                self.done = true;
+                continue;
+            }
             if self.read_log {
                 if let Err(e) = self.read_log_page().await {
                     return self.fail(e);
@@ -111,53 +155,125 @@ impl Subscription {
             let received = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return self.fail(Error::Unavailable),
-                r = self.rx.recv() => r,
+                r = self.rx.next_after(self.last) => r,
             };
             match received {
-                Ok(e) if e.seq <= self.last => {}
-                Ok(e) => {
-                    self.last = e.seq;
-                    // The feed carries every tenant's events; the log reads
-                    // select the tenant in SQL.
-                    if e.tenant_id == self.scope.tenant() && self.filter.matches(&e) {
-                        self.done = self.ending.reached_by(&e);
-                        return Some(Ok(e.message()));
+                Received::Event(e) => {
+                    if let Some(message) = self.take(&e) {
+                        return Some(Ok(message));
                     }
                 }
                 // Fallen behind the feed: the log has everything.
-                Err(RecvError::Lagged(_)) => self.read_log = true,
-                Err(RecvError::Closed) => return self.fail(Error::Unavailable),
+                Received::Lagged => self.read_log = true,
+                Received::Closed => return self.fail(Error::Unavailable),
             }
         }
     }
 
+    /// Reads the next page of the snapshot's task runs. Those read after
+    /// the starting point may reflect later events: each such event is
+    /// passed over, as its run's snapshot already shows it.
+    async fn read_snapshot_page(&mut self, execution: ExecutionId, cursor: &Cursor) -> Result<()> {
+        let page = self.store.task_runs_after(execution, cursor).await?;
+        for (run, seq) in &page.runs {
+            if *seq > self.last {
+                self.reflected.insert(run.id.to_string(), *seq);
+            }
+            self.ready.push_back(EventMessage::new(convert::snapshot(
+                Resource::TaskRun(run),
+                *seq,
+            )));
+        }
+        self.snapshot_rest = page.next.map(|c| (execution, c));
+        Ok(())
+    }
+
+    /// Moves past `e`, the next event after `last`: the message to
+    /// deliver if it is in scope and matches the filter, and not already
+    /// shown by a snapshot.
+    fn take(&mut self, e: &LoggedEvent) -> Option<EventMessage> {
+        self.last = e.seq;
+        if let Some(id) = &e.task_run_id
+            && let Some(&shown) = self.reflected.get(id)
+        {
+            if e.seq <= shown {
+                return None;
+            }
+            self.reflected.remove(id);
+        }
+        if !self.scope.matches(e) || !self.filter.matches(e) {
+            return None;
+        }
+        if self.end == End::AtTerminal
+            && self.scope.is_own(e)
+            && convert::is_terminal(e.state_type())
+        {
+            self.end = End::Terminal(e.seq);
+        }
+        Some(e.message())
+    }
+
     async fn read_log_page(&mut self) -> Result<()> {
-        let page = self
+        let (page, full) = self
             .store
-            .events_after(&self.scope, self.last, LOG_PAGE)
+            .events_after(&self.scope, self.last, LOG_PAGE, LOG_PAGE_BYTES)
             .await?;
         // Checked after the read: if retention removed anything past our
         // position, the page may have a hole.
+        self.check_retention().await?;
+        for e in page {
+            if let End::After(seq) = self.end
+                && e.seq > seq
+            {
+                break;
+            }
+            if let Some(message) = self.take(&e) {
+                self.ready.push_back(message);
+            }
+            if matches!(self.end, End::Terminal(_)) {
+                // What follows depends on the run's delete.
+                break;
+            }
+        }
+        self.read_log = full || matches!(self.end, End::After(seq) if self.last < seq);
+        Ok(())
+    }
+
+    /// The sequence of the run's DELETED event if the log has one after
+    /// `seq` with nothing in between showing the run not terminal.
+    async fn delete_after(&self, seq: i64) -> Result<Option<i64>> {
+        let Some(run) = self.scope.run() else {
+            return Ok(None);
+        };
+        let mut after = seq;
+        loop {
+            let (page, full) = self
+                .store
+                .events_after(&run, after, LOG_PAGE, LOG_PAGE_BYTES)
+                .await?;
+            // No retention check: a delete old enough to be pruned is not
+            // looked for; the stream ends where it is.
+            match last_word(&page) {
+                Word::Deleted(seq) => return Ok(Some(seq)),
+                Word::Reopened => return Ok(None),
+                Word::Undecided if full => {
+                    after = page.last().map_or(after, |e| e.seq);
+                }
+                Word::Undecided => return Ok(None),
+            }
+        }
+    }
+
+    /// Refuses to go on from `last` if retention removed events after it:
+    /// a read from there may have a hole.
+    async fn check_retention(&self) -> Result<()> {
+        let position = self.last;
         let compacted = self.store.compacted_seq().await?;
-        if compacted > self.last {
+        if compacted > position {
             return Err(Error::OutOfRange(format!(
-                "sequence {} is older than the event log's retention; the oldest sequence still held is {}",
-                self.last,
+                "sequence {position} is older than the event log's retention; the oldest sequence still held is {}",
                 compacted + 1
             )));
-        }
-        self.read_log = page.len() as i64 == LOG_PAGE;
-        for e in page {
-            self.last = e.seq;
-            if self.filter.matches(&e) {
-                let ends = self.ending.reached_by(&e);
-                self.ready.push_back(e.message());
-                if ends {
-                    self.done = true;
-                    self.read_log = false;
-                    break;
-                }
-            }
         }
         Ok(())
     }
@@ -166,5 +282,76 @@ impl Subscription {
         self.done = true;
         self.ready.clear();
         Some(Err(e))
+    }
+}
+
+/// What a terminal run's own later events say about its end.
+#[derive(Debug, PartialEq, Eq)]
+enum Word {
+    /// It was deleted while terminal, at this sequence.
+    Deleted(i64),
+    /// It left the terminal state before any delete.
+    Reopened,
+    /// Still terminal and not deleted as far as these events go.
+    Undecided,
+}
+
+/// Reads a terminal run's own events, in order, after the point it was
+/// seen terminal: the first DELETED event is its last word, unless an
+/// event before it shows the run no longer terminal (a forced transition).
+fn last_word(events: &[LoggedEvent]) -> Word {
+    for e in events {
+        if e.event().kind == pb::EventKind::Deleted as i32 {
+            return Word::Deleted(e.seq);
+        }
+        if !convert::is_terminal(e.state_type()) {
+            return Word::Reopened;
+        }
+    }
+    Word::Undecided
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    fn event(seq: i64, kind: pb::EventKind, state: pb::StateType) -> LoggedEvent {
+        let status = pb::StatusEvent {
+            sequence: seq,
+            kind: kind as i32,
+            resource: Some(pb::status_event::Resource::TaskRun(pb::TaskRun {
+                state: Some(pb::State {
+                    r#type: state as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        LoggedEvent::from_log(
+            seq,
+            "t".into(),
+            "e".into(),
+            Some("r".into()),
+            None,
+            &status.encode_to_vec(),
+        )
+    }
+
+    #[test]
+    fn a_terminal_runs_delete_is_its_last_word_unless_it_was_reopened_first() {
+        use pb::{EventKind::*, StateType::*};
+        let stale = event(5, Updated, Completed);
+        let deleted = event(6, Deleted, Completed);
+        let reopened = event(7, StateChanged, Running);
+        assert_eq!(
+            last_word(&[stale.clone(), deleted.clone()]),
+            Word::Deleted(6)
+        );
+        assert_eq!(last_word(&[reopened, deleted]), Word::Reopened);
+        assert_eq!(last_word(&[stale]), Word::Undecided);
+        assert_eq!(last_word(&[]), Word::Undecided);
     }
 }
