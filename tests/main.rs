@@ -5,8 +5,10 @@
 
 mod helpers;
 
+mod access;
 mod ledger;
 mod orchestration;
+mod serving;
 mod streams;
 mod tenancy;
 mod validation;
