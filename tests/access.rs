@@ -80,6 +80,9 @@ async fn a_key_works_the_moment_it_is_made_and_garbage_is_still_refused() {
         (e.tenant_id.as_str(), e.updated_by.as_str()),
         ("acme", "first")
     );
+    // From then on a call without a key is refused.
+    let keyless = app.executions.clone().create_execution(goal("g")).await;
+    assert_eq!(keyless.unwrap_err().code(), Code::Unauthenticated);
 
     // Once keys are in force, a new one works at once too.
     let second = new_key(app.dir.path(), "second", None).await;

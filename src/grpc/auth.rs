@@ -107,6 +107,11 @@ impl Authenticator {
     /// Replaces the keys in force (revocations and new keys take effect).
     pub fn replace(&self, keys: KeySet) {
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        // The keys now loaded supersede what was looked up before.
+        self.looked_up
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Whether calls without a key are served now.
@@ -183,6 +188,10 @@ impl Authenticator {
             return Ok(answer);
         }
         let answer = store.find_key(hash).await.map_err(Status::from)?;
+        if answer.is_some() {
+            // The database has keys now: calls without one are refused.
+            self.keys.write().unwrap_or_else(|e| e.into_inner()).any = true;
+        }
         self.looked_up
             .lock()
             .unwrap_or_else(|e| e.into_inner())
