@@ -4,13 +4,13 @@
 use std::{net::SocketAddr, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tokio_util::sync::CancellationToken;
-use tonic::{service::interceptor::InterceptedService, transport::Server};
+use tonic::transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tracing::{error, info, warn};
 
 use crate::{
     Config, Error,
+    config::Listen,
     domain::Timestamp,
     grpc::{self, EventApi, ExecutionApi, TaskRunApi, pb},
     orchestration::Ledger,
@@ -26,9 +26,16 @@ const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
-        addr: SocketAddr,
+        addr: Listen,
         source: std::io::Error,
     },
+    #[error(
+        "{0} is not a loopback address and TLS is off: API keys travel in headers, so serve \
+         TLS with --tls-cert and --tls-key, or pass --allow-plaintext to serve without it"
+    )]
+    Plaintext(Listen),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error(transparent)]
     Open(#[from] OpenError),
     #[error("reading the database: {0}")]
@@ -37,7 +44,7 @@ pub enum StartError {
         "the database has no API keys and {0} is not a loopback address: create a key with \
          `runledger keys create`, or pass --allow-unauthenticated to serve without keys"
     )]
-    Unauthenticated(SocketAddr),
+    Unauthenticated(Listen),
     #[error("building reflection: {0}")]
     Reflection(String),
     #[error("serving: {0}")]
@@ -57,23 +64,25 @@ pub struct App {
     auth: grpc::auth::Authenticator,
     shutdown: CancellationToken,
     config: Config,
+    tls: Option<ServerTlsConfig>,
 }
 
 impl App {
     /// Binds the listener (port 0 picks a free one), then opens the
     /// database: a port in use is reported before the database is touched.
     pub async fn build(config: Config) -> Result<App, StartError> {
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.listen,
+        let bind_error = |source| StartError::Bind {
+            addr: config.listen.clone(),
             source,
-        })?;
+        };
+        let addrs = config.listen.resolve().await.map_err(bind_error)?;
+        let loopback = addrs.iter().all(|a| a.ip().is_loopback());
+        let tls = tls_config(&config)?;
+        if tls.is_none() && !loopback && !config.allow_plaintext {
+            return Err(StartError::Plaintext(config.listen.clone()));
+        }
+        let listener = TcpListener::bind(&addrs[..]).await.map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
         let feed = Feed::with_limits(
             config.live_buffer as usize,
             config.live_buffer_bytes as usize,
@@ -81,16 +90,18 @@ impl App {
         let (store, writer) =
             Store::open(&config.database_url(), config.durability, feed.clone()).await?;
         let keys = store.load_keys().await.map_err(StartError::Store)?;
-        let loopback = config.listen.ip().is_loopback();
         if !keys.any && !loopback && !config.allow_unauthenticated {
-            return Err(StartError::Unauthenticated(config.listen));
+            return Err(StartError::Unauthenticated(config.listen.clone()));
         }
-        let (day, _) = grpc::limits::today();
+        let (day, _) = config.clock.today();
         let counted = store.key_usage(day).await.map_err(StartError::Store)?;
         let auth = grpc::auth::Authenticator::new(
             keys,
             loopback || config.allow_unauthenticated,
             grpc::limits::Limits::new(day, counted),
+            config.clock.clone(),
+            Some(store.clone()),
+            config.max_streams_per_key,
         );
         if auth.is_open() {
             warn!(
@@ -107,6 +118,7 @@ impl App {
             auth,
             shutdown: CancellationToken::new(),
             config,
+            tls,
         })
     }
 
@@ -143,6 +155,7 @@ impl App {
             auth,
             shutdown,
             config,
+            tls,
         } = self;
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -186,40 +199,51 @@ impl App {
             shutdown.clone(),
         ));
 
-        let incoming = TcpListenerStream::new(listener).map(|conn| {
-            conn.inspect(|s| {
-                // Small messages: do not wait to coalesce them.
-                let _ = s.set_nodelay(true);
-            })
-        });
-        let server = Server::builder()
+        // Small messages: do not wait to coalesce them.
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(config.tcp_keepalive));
+        let mut builder = Server::builder()
             // What clients that do not read cost stays bounded.
             .layer(grpc::send_budget::SendBudgetLayer::new())
+            .http2_keepalive_interval(Some(config.keepalive_interval))
+            .http2_keepalive_timeout(Some(config.keepalive_timeout))
+            .max_concurrent_streams(config.max_streams_per_connection);
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let server = builder
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(InterceptedService::new(
-                pb::execution_service_server::ExecutionServiceServer::new(ExecutionApi::new(
-                    streams.clone(),
-                ))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
-                auth.clone(),
-            ))
-            .add_service(InterceptedService::new(
-                pb::task_run_service_server::TaskRunServiceServer::new(TaskRunApi::new(
-                    streams.clone(),
-                ))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
-                auth.clone(),
-            ))
-            .add_service(InterceptedService::new(
-                pb::event_service_server::EventServiceServer::new(EventApi::new(streams))
+            .add_service(
+                auth.wrap(
+                    pb::execution_service_server::ExecutionServiceServer::new(ExecutionApi::new(
+                        streams.clone(),
+                    ))
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
-                auth,
-            ))
+                ),
+            )
+            .add_service(
+                auth.wrap(
+                    pb::task_run_service_server::TaskRunServiceServer::new(TaskRunApi::new(
+                        streams.clone(),
+                    ))
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+                ),
+            )
+            .add_service(
+                auth.wrap(
+                    pb::event_service_server::EventServiceServer::new(EventApi::new(streams))
+                        .max_decoding_message_size(MAX_REQUEST_BYTES),
+                ),
+            )
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        // The services hold what the authenticator needs from here on; the
+        // writer stops once the last handle to the store is gone.
+        drop(auth);
 
-        info!(%addr, database = %config.database_url(), "runledger listening");
+        info!(%addr, tls = config.tls_cert.is_some(), database = %config.database_url(), "runledger listening");
         let grace = config.shutdown_grace;
         let served = tokio::select! {
             r = server => r,
@@ -270,6 +294,26 @@ async fn supervise(
         Some(_) => Err(WriterStopped),
         None => writer.await,
     }
+}
+
+/// The TLS settings from the certificate and key files, if given.
+fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, StartError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| StartError::Tls(format!("cannot read {}: {e}", path.display())))
+    };
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    // Checked now, so that a bad certificate or key stops the start.
+    Server::builder().tls_config(tls.clone()).map_err(|e| {
+        StartError::Tls(match std::error::Error::source(&e) {
+            Some(cause) => cause.to_string(),
+            None => e.to_string(),
+        })
+    })?;
+    Ok(Some(tls))
 }
 
 /// Reloads the keys in force every second, so that new and revoked keys

@@ -48,6 +48,13 @@ fn new_secret() -> String {
     format!("rl_{hex}")
 }
 
+/// Whether `secret` has the form of a secret this module makes.
+pub fn looks_like_secret(secret: &str) -> bool {
+    secret
+        .strip_prefix("rl_")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 pub fn hash_secret(secret: &str) -> String {
     Sha256::digest(secret.as_bytes())
         .iter()
@@ -193,6 +200,34 @@ type KeyRow = (
     Option<i64>,
 );
 
+/// The key of a row, if it is not revoked.
+fn active(
+    (hash, id, tenant_id, name, rate, daily_quota, revoked): KeyRow,
+) -> Option<(String, ActiveKey)> {
+    revoked.is_none().then(|| {
+        let caller = Caller { tenant_id, name };
+        let key = ActiveKey {
+            id,
+            caller,
+            rate,
+            daily_quota,
+        };
+        (hash, key)
+    })
+}
+
+/// The key in force with this secret hash, as the database has it now.
+pub async fn find(conn: &mut SqliteConnection, hash: &str) -> Result<Option<ActiveKey>> {
+    let row: Option<KeyRow> = sqlx::query_as(
+        "SELECT secret_hash, id, tenant_id, name, rate, daily_quota, revoked_at FROM api_keys \
+         WHERE secret_hash = ?",
+    )
+    .bind(hash)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.and_then(active).map(|(_, key)| key))
+}
+
 impl KeySet {
     pub async fn load(conn: &mut SqliteConnection) -> Result<Self> {
         let rows: Vec<KeyRow> = sqlx::query_as(
@@ -201,27 +236,17 @@ impl KeySet {
         .fetch_all(&mut *conn)
         .await?;
         let any = !rows.is_empty();
-        let by_hash = rows
-            .into_iter()
-            .filter(|r| r.6.is_none())
-            .map(|(hash, id, tenant_id, name, rate, daily_quota, _)| {
-                let caller = Caller { tenant_id, name };
-                (
-                    hash,
-                    ActiveKey {
-                        id,
-                        caller,
-                        rate,
-                        daily_quota,
-                    },
-                )
-            })
-            .collect();
+        let by_hash = rows.into_iter().filter_map(active).collect();
         Ok(KeySet { by_hash, any })
     }
 
     pub fn key(&self, secret: &str) -> Option<&ActiveKey> {
-        self.by_hash.get(&hash_secret(secret))
+        self.by_hash(&hash_secret(secret))
+    }
+
+    /// The key with this secret hash.
+    pub fn by_hash(&self, hash: &str) -> Option<&ActiveKey> {
+        self.by_hash.get(hash)
     }
 
     pub fn caller(&self, secret: &str) -> Option<&Caller> {
@@ -270,11 +295,16 @@ mod tests {
         let set = KeySet::load(&mut conn).await.unwrap();
         assert_eq!(set.caller(&secret).unwrap().tenant_id, "acme");
         assert!(set.caller("rl_wrong").is_none());
+        assert!(looks_like_secret(&secret) && !looks_like_secret("rl_wrong"));
+        let found = find(&mut conn, &hash_secret(&secret)).await.unwrap();
+        assert_eq!(found.unwrap().caller.name, "ci");
         assert_eq!(list(&mut conn).await.unwrap(), std::slice::from_ref(&key));
 
         revoke(&mut conn, "ci").await.unwrap();
         let set = KeySet::load(&mut conn).await.unwrap();
         assert!(set.caller(&secret).is_none() && set.any);
+        let found = find(&mut conn, &hash_secret(&secret)).await.unwrap();
+        assert!(found.is_none(), "a revoked key is not in force");
         assert!(matches!(
             revoke(&mut conn, "nope").await,
             Err(Error::NotFound(_))

@@ -34,15 +34,13 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let config = match cli.command {
-        Some(Command::Serve(config)) => config,
-        Some(Command::Bench(args)) => {
+    let config = match Cli::parse().into_command() {
+        Command::Serve(config) => config,
+        Command::Bench(args) => {
             runledger::bench::run(args).await?;
             return Ok(());
         }
-        Some(Command::Keys { command }) => return run_keys(command).await,
-        None => runledger::config::Config::new_from_env()?,
+        Command::Keys { command } => return run_keys(command).await,
     };
     runledger::telemetry::init(config.log_format);
 

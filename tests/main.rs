@@ -5,11 +5,13 @@
 
 mod helpers;
 
+mod access;
 mod history;
 mod idempotency;
 mod ledger;
 mod orchestration;
 mod run_streams;
+mod serving;
 mod stalled_streams;
 mod startup;
 mod streams;

@@ -464,11 +464,12 @@ async fn a_revoked_key_stops_working_within_seconds() {
 async fn without_keys_only_loopback_serves_open_and_a_new_key_closes_it() {
     // Not loopback, no keys, not allowed: refused at start.
     let dir = tempfile::tempdir().unwrap();
-    let config = Config::new(
+    let mut config = Config::new(
         "0.0.0.0:0".parse().unwrap(),
         db_path(dir.path()).display().to_string(),
     )
     .unwrap();
+    config.allow_plaintext = true;
     match App::build(config).await {
         Err(e @ StartError::Unauthenticated(_)) => {
             assert!(e.to_string().contains("--allow-unauthenticated"))

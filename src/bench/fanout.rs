@@ -12,9 +12,8 @@ use std::{
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tonic::transport::Channel;
 
-use super::{BenchError, status};
+use super::{BenchError, Conn, status};
 use crate::grpc::pb;
 
 /// Streams multiplexed on one client connection.
@@ -32,7 +31,7 @@ pub(super) struct FanoutResult {
 }
 
 pub(super) async fn run(
-    channels: &[Channel],
+    channels: &[Conn],
     subscribers: usize,
     rounds: usize,
     server_rss: &(dyn Fn() -> Option<u64> + Sync),

@@ -13,7 +13,12 @@ use std::{
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
 
 use crate::{grpc::pb, store::Durability};
 use load::LoadResult;
@@ -37,6 +42,10 @@ pub struct BenchArgs {
     /// the benchmark starts its own on 127.0.0.1 with a fresh database.
     #[arg(long)]
     pub addr: Option<String>,
+
+    /// The API key sent with every call and stream, for a server with keys.
+    #[arg(long, env = "RUNLEDGER_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 
     /// Concurrent requests in flight, one measurement each.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
@@ -97,7 +106,35 @@ fn connections_for(concurrency: usize) -> usize {
     concurrency.div_ceil(8).clamp(1, 32)
 }
 
-async fn connect(url: &str, n: usize) -> Result<Vec<Channel>, BenchError> {
+/// Sends the API key, if there is one, with every call.
+#[derive(Debug, Clone)]
+pub(crate) struct WithKey(Option<MetadataValue<Ascii>>);
+
+impl WithKey {
+    pub(crate) fn new(key: Option<&str>) -> Result<Self, BenchError> {
+        key.map(|k| {
+            format!("Bearer {}", k.trim()).parse().map_err(|_| {
+                BenchError::Client("the API key holds characters a header cannot carry".into())
+            })
+        })
+        .transpose()
+        .map(WithKey)
+    }
+}
+
+impl Interceptor for WithKey {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A connection to the server under test that carries the API key.
+pub(crate) type Conn = InterceptedService<Channel, WithKey>;
+
+async fn connect(url: &str, n: usize, key: &WithKey) -> Result<Vec<Conn>, BenchError> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let ch = Endpoint::from_shared(url.to_owned())
@@ -106,18 +143,20 @@ async fn connect(url: &str, n: usize) -> Result<Vec<Channel>, BenchError> {
             .connect()
             .await
             .map_err(|e| BenchError::Client(format!("connecting to {url}: {e}")))?;
-        out.push(ch);
+        out.push(InterceptedService::new(ch, key.clone()));
     }
     Ok(out)
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
+    let key = WithKey::new(args.api_key.as_deref())?;
     let dir = tempfile_dir()?;
     let child = match &args.addr {
         Some(_) => None,
         None => Some(server::ChildServer::start(
             &dir.join("bench.db"),
             args.durability,
+            args.subscribers.iter().copied().max().unwrap_or(0),
         )?),
     };
     let url = match (&args.addr, &child) {
@@ -129,7 +168,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 
     let mut load = Vec::new();
     for &c in &args.concurrency {
-        let channels = connect(&url, connections_for(c)).await?;
+        let channels = connect(&url, connections_for(c), &key).await?;
         let ceiling = measure(
             "grpc.health.v1.Health/Check",
             c,
@@ -279,13 +318,13 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let mut fanouts = Vec::new();
     for &s in args.subscribers.iter().filter(|s| **s > 0) {
         let bar = spinner(&args, format!("fan-out to {s} subscribers"));
-        let channels = connect(&url, s.div_ceil(100).clamp(1, 128)).await?;
+        let channels = connect(&url, s.div_ceil(100).clamp(1, 128), &key).await?;
         fanouts.push(fanout::run(&channels, s, args.rounds, &rss).await?);
         bar.finish_and_clear();
     }
 
     let catch_up = if args.catch_up > 0 {
-        Some(catch_up(&url, args.catch_up, &args).await?)
+        Some(catch_up(&url, &key, args.catch_up, &args).await?)
     } else {
         None
     };
@@ -338,7 +377,7 @@ fn spinner(args: &BenchArgs, msg: String) -> ProgressBar {
 }
 
 async fn running_execution(
-    client: &pb::execution_service_client::ExecutionServiceClient<Channel>,
+    client: &pb::execution_service_client::ExecutionServiceClient<Conn>,
 ) -> Result<String, BenchError> {
     let mut c = client.clone();
     let e = c
@@ -366,7 +405,7 @@ async fn running_execution(
 
 /// `per_worker` PENDING task runs for each worker, created 64 at a time.
 async fn precreate(
-    tasks: &[pb::task_run_service_client::TaskRunServiceClient<Channel>],
+    tasks: &[pb::task_run_service_client::TaskRunServiceClient<Conn>],
     parents: &Arc<Vec<String>>,
     per_worker: usize,
     args: &BenchArgs,
@@ -402,10 +441,15 @@ async fn precreate(
 
 /// Fills the log to `behind` events past a cursor, then times a subscriber
 /// reading all of them.
-async fn catch_up(url: &str, behind: u64, args: &BenchArgs) -> Result<CatchUp, BenchError> {
-    let channels = connect(url, 8).await?;
+async fn catch_up(
+    url: &str,
+    key: &WithKey,
+    behind: u64,
+    args: &BenchArgs,
+) -> Result<CatchUp, BenchError> {
+    let channels = connect(url, 8, key).await?;
     let mut events = pb::event_service_client::EventServiceClient::new(channels[0].clone());
-    let head = |ch: Channel| async move {
+    let head = |ch: Conn| async move {
         let mut e = pb::execution_service_client::ExecutionServiceClient::new(ch);
         let created = e
             .create_execution(pb::CreateExecutionRequest::default())

@@ -18,7 +18,12 @@ pub(super) struct ChildServer {
 }
 
 impl ChildServer {
-    pub(super) fn start(db: &Path, durability: Durability) -> Result<Self, BenchError> {
+    /// `streams`: how many streams the benchmark holds open at once.
+    pub(super) fn start(
+        db: &Path,
+        durability: Durability,
+        streams: usize,
+    ) -> Result<Self, BenchError> {
         let exe = std::env::current_exe().map_err(|e| BenchError::Server(e.to_string()))?;
         let durability = match durability {
             Durability::Process => "process",
@@ -31,6 +36,8 @@ impl ChildServer {
                 "127.0.0.1:0",
                 "--durability",
                 durability,
+                "--max-streams-per-key",
+                &(streams + 16).to_string(),
                 "--database",
             ])
             .arg(db)

@@ -53,7 +53,7 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         }))
     }
 
-    #[instrument(skip_all, fields(id = %req.get_ref().id))]
+    #[instrument(skip_all, fields(id = %super::log_id(&req.get_ref().id)))]
     async fn get_execution(
         &self,
         req: Request<pb::GetExecutionRequest>,
@@ -88,7 +88,7 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         }))
     }
 
-    #[instrument(skip_all, fields(id = %req.get_ref().id))]
+    #[instrument(skip_all, fields(id = %super::log_id(&req.get_ref().id)))]
     async fn set_execution_state(
         &self,
         req: Request<pb::SetExecutionStateRequest>,
@@ -123,7 +123,7 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         }))
     }
 
-    #[instrument(skip_all, fields(id = %req.get_ref().id))]
+    #[instrument(skip_all, fields(id = %super::log_id(&req.get_ref().id)))]
     async fn cancel_execution(
         &self,
         req: Request<pb::CancelExecutionRequest>,
@@ -142,7 +142,7 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         }))
     }
 
-    #[instrument(skip_all, fields(id = %req.get_ref().id))]
+    #[instrument(skip_all, fields(id = %super::log_id(&req.get_ref().id)))]
     async fn resume_execution(
         &self,
         req: Request<pb::ResumeExecutionRequest>,
@@ -161,7 +161,7 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         }))
     }
 
-    #[instrument(skip_all, fields(id = %req.get_ref().id))]
+    #[instrument(skip_all, fields(id = %super::log_id(&req.get_ref().id)))]
     async fn delete_execution(
         &self,
         req: Request<pb::DeleteExecutionRequest>,
@@ -180,7 +180,7 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
 
     type StreamExecutionStatusStream = EventStream<pb::StreamExecutionStatusResponse>;
 
-    #[instrument(skip_all, fields(id = %req.get_ref().id))]
+    #[instrument(skip_all, fields(id = %super::log_id(&req.get_ref().id)))]
     async fn stream_execution_status(
         &self,
         req: Request<pb::StreamExecutionStatusRequest>,

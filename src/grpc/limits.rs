@@ -4,6 +4,8 @@
 
 use std::{
     collections::HashMap,
+    fmt,
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -14,14 +16,44 @@ use crate::keys::ActiveKey;
 
 const DAY: u64 = 86_400;
 
-/// The UTC day number (days since the epoch) and the time left in it.
-pub fn today() -> (i64, Duration) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let day = now.as_secs() / DAY;
-    let left = Duration::from_secs((day + 1) * DAY).saturating_sub(now);
-    (day as i64, left)
+/// The wall clock that decides which UTC day a request counts on: the
+/// system's, or one a test sets.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> SystemTime + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Self {
+        Clock(Arc::new(SystemTime::now))
+    }
+
+    /// A clock that reads the time from `now`.
+    pub fn from_fn(now: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        Clock(Arc::new(now))
+    }
+
+    pub fn now(&self) -> SystemTime {
+        (self.0)()
+    }
+
+    /// The UTC day number (days since the epoch) and the time left in it.
+    pub fn today(&self) -> (i64, Duration) {
+        let now = self.now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let day = now.as_secs() / DAY;
+        let left = Duration::from_secs((day + 1) * DAY).saturating_sub(now);
+        (day as i64, left)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::system()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Clock").field(&self.now()).finish()
+    }
 }
 
 #[derive(Debug)]
@@ -37,8 +69,9 @@ pub struct Limits {
     /// Requests per key id on `day`.
     counts: HashMap<String, i64>,
     day: i64,
-    /// Key ids whose count changed since last persisted.
-    dirty: HashMap<String, i64>,
+    /// Counts changed since last persisted, by key id and the day they
+    /// belong to.
+    dirty: HashMap<(String, i64), i64>,
 }
 
 impl Limits {
@@ -93,14 +126,16 @@ impl Limits {
             b.tokens -= 1.0;
         }
         self.counts.insert(key.id.clone(), used + 1);
-        self.dirty.insert(key.id.clone(), used + 1);
+        self.dirty.insert((key.id.clone(), day), used + 1);
         Ok(())
     }
 
     /// The counts to persist: (key id, day, requests so far that day).
     pub fn take_dirty(&mut self) -> Vec<(String, i64, i64)> {
-        let day = self.day;
-        self.dirty.drain().map(|(id, n)| (id, day, n)).collect()
+        self.dirty
+            .drain()
+            .map(|((id, day), n)| (id, day, n))
+            .collect()
     }
 }
 
@@ -162,5 +197,20 @@ mod tests {
             l.admit(&k, now, (2, Duration::from_secs(86_400))).is_ok(),
             "a new day"
         );
+    }
+
+    #[test]
+    fn counts_of_a_day_are_recorded_under_that_day() {
+        let mut l = Limits::new(1, HashMap::new());
+        let (a, mut b) = (key(None, Some(5)), key(None, None));
+        b.id = "b".into();
+        let now = Instant::now();
+        for _ in 0..3 {
+            l.admit(&a, now, (1, Duration::from_secs(1))).unwrap();
+        }
+        l.admit(&b, now, (2, Duration::from_secs(86_399))).unwrap();
+        let mut dirty = l.take_dirty();
+        dirty.sort();
+        assert_eq!(dirty, [("b".to_owned(), 2, 1), ("k".to_owned(), 1, 3)]);
     }
 }

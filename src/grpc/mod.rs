@@ -33,9 +33,30 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/runledger_descriptor.bin"));
 }
 
+/// At most the first 64 bytes of a client's id, for logs and spans: an id
+/// is a UUID when valid, and an invalid one must not make a log line long.
+pub(crate) fn log_id(id: &str) -> &str {
+    let mut end = id.len().min(64);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    &id[..end]
+}
+
 /// The fully qualified names of the services, for health reporting.
 pub const SERVICE_NAMES: [&str; 3] = [
     "runledger.v1.ExecutionService",
     "runledger.v1.TaskRunService",
     "runledger.v1.EventService",
 ];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn logged_ids_are_bounded() {
+        let id = "0194f1d2-7b1c-7c3e-9a51-8f0e2d6c4b3a";
+        assert_eq!(super::log_id(id), id);
+        assert_eq!(super::log_id(&"x".repeat(200_000)).len(), 64);
+        assert_eq!(super::log_id(&"é".repeat(100)).len(), 64);
+    }
+}

@@ -43,7 +43,7 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
         }))
     }
 
-    #[instrument(skip_all, fields(id = %req.get_ref().id))]
+    #[instrument(skip_all, fields(id = %super::log_id(&req.get_ref().id)))]
     async fn get_task_run(
         &self,
         req: Request<pb::GetTaskRunRequest>,
@@ -78,7 +78,7 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
         }))
     }
 
-    #[instrument(skip_all, fields(id = %req.get_ref().id))]
+    #[instrument(skip_all, fields(id = %super::log_id(&req.get_ref().id)))]
     async fn set_task_run_state(
         &self,
         req: Request<pb::SetTaskRunStateRequest>,
@@ -113,7 +113,7 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
         }))
     }
 
-    #[instrument(skip_all, fields(id = %req.get_ref().id))]
+    #[instrument(skip_all, fields(id = %super::log_id(&req.get_ref().id)))]
     async fn delete_task_run(
         &self,
         req: Request<pb::DeleteTaskRunRequest>,
@@ -130,7 +130,7 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
         }))
     }
 
-    #[instrument(skip_all, fields(id = %req.get_ref().id))]
+    #[instrument(skip_all, fields(id = %super::log_id(&req.get_ref().id)))]
     async fn mark_task_run_stale(
         &self,
         req: Request<pb::MarkTaskRunStaleRequest>,
@@ -149,7 +149,7 @@ impl pb::task_run_service_server::TaskRunService for TaskRunApi {
 
     type StreamTaskRunStatusStream = EventStream<pb::StreamTaskRunStatusResponse>;
 
-    #[instrument(skip_all, fields(id = %req.get_ref().id))]
+    #[instrument(skip_all, fields(id = %super::log_id(&req.get_ref().id)))]
     async fn stream_task_run_status(
         &self,
         req: Request<pb::StreamTaskRunStatusRequest>,

@@ -484,6 +484,12 @@ impl Store {
         crate::keys::KeySet::load(&mut conn).await
     }
 
+    /// The key in force with this secret hash.
+    pub async fn find_key(&self, hash: &str) -> Result<Option<crate::keys::ActiveKey>> {
+        let mut conn = self.read.acquire().await?;
+        crate::keys::find(&mut conn, hash).await
+    }
+
     /// Today's request counts per key id.
     pub async fn key_usage(&self, day: i64) -> Result<std::collections::HashMap<String, i64>> {
         let mut conn = self.read.acquire().await?;
