@@ -12,6 +12,7 @@ mod ledger;
 mod orchestration;
 mod run_streams;
 mod serving;
+mod snapshot_order;
 mod stalled_streams;
 mod startup;
 mod streams;

@@ -140,16 +140,17 @@ pub struct Snapshot {
     /// The first page of its task runs, when asked for.
     pub task_runs: TaskRunPage,
     /// The log's head when the snapshot was read: everything up to here is
-    /// reflected in it.
+    /// reflected in it, and nothing after it.
     pub head: i64,
 }
 
-/// Task runs of an execution in creation order, each with the sequence of
-/// its latest event, and where the next page starts if one may follow.
+/// Task runs of an execution in the order of their latest events, each
+/// with that event's sequence, and the sequence the next page starts
+/// after if one may follow.
 #[derive(Debug, Clone, Default)]
 pub struct TaskRunPage {
     pub runs: Vec<(TaskRun, i64)>,
-    pub next: Option<Cursor>,
+    pub next: Option<i64>,
 }
 
 /// How many task runs a page of a snapshot holds at most.
@@ -413,7 +414,7 @@ impl Store {
             .map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s)))
             .transpose()?;
         let task_runs = if include_task_runs && execution.is_some() {
-            task_runs_page(&mut tx, id, None).await?
+            task_runs_page(&mut tx, id, 0, head).await?
         } else {
             TaskRunPage::default()
         };
@@ -425,15 +426,18 @@ impl Store {
         })
     }
 
-    /// The next page of an execution's task runs for a snapshot, after
-    /// `after` in creation order, as they are now.
+    /// The next page of an execution's task runs for a snapshot taken at
+    /// `head`: those whose latest event is after `after` and not after
+    /// `head`. A task run changed (or created) since the snapshot's head is
+    /// left out: its own later events show it.
     pub async fn task_runs_after(
         &self,
         execution: ExecutionId,
-        after: &Cursor,
+        after: i64,
+        head: i64,
     ) -> Result<TaskRunPage> {
         let mut conn = self.read.acquire().await?;
-        task_runs_page(&mut conn, execution, Some(after)).await
+        task_runs_page(&mut conn, execution, after, head).await
     }
 
     /// A task run with the log head, read in one consistent transaction.
@@ -522,30 +526,30 @@ impl Store {
     }
 }
 
-/// Up to a page of an execution's task runs after `after`, in creation
-/// order, bounded by count and by the bytes of their documents.
+/// Up to a page of an execution's task runs whose latest event is in
+/// (`after`, `head`], in the order of those events, bounded by count and
+/// by the bytes of their documents.
 async fn task_runs_page(
     conn: &mut SqliteConnection,
     execution: ExecutionId,
-    after: Option<&Cursor>,
+    after: i64,
+    head: i64,
 ) -> Result<TaskRunPage> {
     use futures::TryStreamExt;
 
-    let (created_at, id) =
-        after.map_or((i64::MIN, String::new()), |c| (c.created_at, c.id.clone()));
-    let mut rows = sqlx::query_as::<_, (String, i64, i64, String)>(sql::TASK_RUNS_OF_EXECUTION)
+    let mut rows = sqlx::query_as::<_, (String, i64)>(sql::TASK_RUNS_OF_EXECUTION)
         .bind(execution.to_string())
-        .bind(created_at)
-        .bind(id)
+        .bind(after)
+        .bind(head)
         .bind(SNAPSHOT_PAGE)
         .fetch(&mut *conn);
     let mut page = TaskRunPage::default();
     let mut bytes = 0;
     let mut last = None;
-    while let Some((doc, seq, created_at, id)) = rows.try_next().await? {
+    while let Some((doc, seq)) = rows.try_next().await? {
         bytes += doc.len();
         page.runs.push((rows::decode_doc(&doc)?, seq));
-        last = Some(Cursor { created_at, id });
+        last = Some(seq);
         if bytes >= SNAPSHOT_PAGE_BYTES {
             break;
         }
