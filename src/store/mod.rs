@@ -163,6 +163,7 @@ const SNAPSHOT_PAGE_BYTES: usize = 64 * 1024;
 pub struct Store {
     read: SqlitePool,
     writes: mpsc::Sender<writer::BoxedOp>,
+    stop_writes: tokio_util::sync::CancellationToken,
     stats: std::sync::Arc<WriterStats>,
 }
 
@@ -226,12 +227,14 @@ impl Store {
             .await
             .map_err(failed)?;
         let (tx, rx) = mpsc::channel(4096);
+        let stop_writes = tokio_util::sync::CancellationToken::new();
+        let stop_writer = stop_writes.clone();
         let stats = std::sync::Arc::new(WriterStats::default());
         let writer_stats = std::sync::Arc::clone(&stats);
         let writer = writer::start(lock, move || async move {
             let (stop, stopped) = oneshot::channel();
             let checkpoints = tokio::spawn(checkpoint(checkpointer, stopped));
-            writer::run(conn, rx, feed, next_seq, writer_stats).await;
+            writer::run(conn, rx, stop_writer, feed, next_seq, writer_stats).await;
             let _ = stop.send(());
             let _ = checkpoints.await;
         })
@@ -241,6 +244,7 @@ impl Store {
             Store {
                 read,
                 writes: tx,
+                stop_writes,
                 stats,
             },
             writer,
@@ -520,9 +524,17 @@ impl Store {
         .await
     }
 
-    /// Closes the read pool (the writer ends when every handle is dropped).
+    /// Closes the read pool: later reads fail, and this waits for the
+    /// connections in use to come back.
     pub async fn close_reads(&self) {
         self.read.close().await;
+    }
+
+    /// Tells the writer to stop, whoever still holds a handle: it commits
+    /// the writes it has already accepted, answers later ones UNAVAILABLE,
+    /// and ends ([`WriterTask::wait`]).
+    pub fn stop_writes(&self) {
+        self.stop_writes.cancel();
     }
 }
 
