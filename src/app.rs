@@ -22,6 +22,9 @@ use crate::{
 /// request, with room to spare.
 const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
+/// How long shutdown waits for the read connections in use to come back.
+const CLOSE_READS_WAIT: Duration = Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
@@ -239,8 +242,7 @@ impl App {
                 ),
             )
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
-        // The services hold what the authenticator needs from here on; the
-        // writer stops once the last handle to the store is gone.
+        // The services hold what the authenticator needs from here on.
         drop(auth);
 
         info!(%addr, tls = config.tls_cert.is_some(), database = %config.database_url(), "runledger listening");
@@ -256,9 +258,16 @@ impl App {
         let _ = pruner.await;
         let _ = keys.await;
         let _ = sweeper.await;
-        // The writer commits what it was given and stops once the last
-        // handle to the store is gone.
-        store.close_reads().await;
+        // Calls still open (their clients gone quiet) may hold the store:
+        // the writer is told to stop rather than left to the last handle.
+        // It commits what it has accepted and refuses what comes later.
+        store.stop_writes();
+        if tokio::time::timeout(CLOSE_READS_WAIT, store.close_reads())
+            .await
+            .is_err()
+        {
+            warn!(wait = ?CLOSE_READS_WAIT, "read connections still in use; not waiting for them");
+        }
         drop(store);
         let writer = supervisor.await.unwrap_or(Err(WriterStopped));
         info!("runledger stopped");

@@ -13,6 +13,7 @@ mod orchestration;
 mod readme;
 mod run_streams;
 mod serving;
+mod snapshot_order;
 mod stalled_streams;
 mod startup;
 mod streams;

@@ -170,16 +170,17 @@ async fn an_execution_stream_resumed_before_its_end_ends_with_its_delete() {
     assert_eq!(kinds(&own), [StateChanged, StateChanged, Deleted]);
 
     // A snapshot shows the deleted run as it is now, and the stream ends.
+    // Its events come in sequence order: the execution's delete is last.
     let snap = all_of(stream_execution(&app, &exec.id, true, 0).await, ev_exec).await;
     assert_eq!(kinds(&snap), [Snapshot, Snapshot]);
-    match snap[0].resource.as_ref().unwrap() {
+    match snap[1].resource.as_ref().unwrap() {
         pb::status_event::Resource::Execution(x) => {
             assert!(x.deleted_at.is_some());
             assert_eq!(state_of(x), Completed);
         }
         other => panic!("not the execution: {other:?}"),
     }
-    assert_eq!(snap[0].sequence, full[5].sequence);
+    assert_eq!(snap[1].sequence, full[5].sequence);
 }
 
 #[tokio::test]

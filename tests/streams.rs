@@ -203,9 +203,11 @@ pub(crate) async fn drain(mut s: Streaming<pb::StreamExecutionStatusResponse>) -
 async fn resuming_after_any_sequence_yields_exactly_the_rest() {
     let app = spawn_app().await;
     let id = mixed_history(&app).await;
-    // The snapshot: one event per run, each with its latest sequence.
+    // The snapshot: one event per run, each with its latest sequence, in
+    // sequence order; the execution's completion is the latest.
     let snapshot = drain(stream_execution(&app, &id, true, 0).await).await;
     assert_eq!(snapshot.len(), 11);
+    assert!(snapshot.windows(2).all(|w| w[0] < w[1]), "{snapshot:?}");
 
     // The log after the execution's CREATED event (the first, in a fresh
     // database): RUNNING, 10 task runs of 3 events, COMPLETED.
@@ -217,7 +219,7 @@ async fn resuming_after_any_sequence_yields_exactly_the_rest() {
     );
     assert_eq!(
         *all.last().unwrap(),
-        snapshot[0],
+        snapshot[10],
         "the last event is the execution's latest"
     );
 

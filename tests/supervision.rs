@@ -132,3 +132,16 @@ async fn a_writer_that_dies_turns_health_not_serving_and_ends_the_server_with_an
         "{ended:?}"
     );
 }
+
+#[tokio::test]
+async fn shutdown_stops_the_writer_while_a_store_handle_is_still_held() {
+    let (app, store) = spawn_with_store().await;
+    create_execution(&app).await;
+    // The store stays held, as by a call whose client went quiet.
+    app.stop().await;
+    match store.record_key_usage(vec![("k".into(), 1, 1)]).await {
+        Err(runledger::Error::Unavailable) => {}
+        other => panic!("expected UNAVAILABLE after shutdown, got {other:?}"),
+    }
+    assert!(store.head().await.is_err(), "the read pool is closed");
+}

@@ -31,12 +31,19 @@ pub(crate) struct Streams {
 struct Start {
     after: i64,
     read_log: bool,
-    snapshot: Vec<pb::StatusEvent>,
-    /// The execution whose snapshot goes on with more task runs, and
-    /// where their next page starts.
-    more_task_runs: Option<(ExecutionId, crate::store::Cursor)>,
+    snapshot: Option<Snapshot>,
     /// The run is terminal at the start: nothing follows but its delete.
     ended: bool,
+}
+
+/// A per-run stream's snapshot, as of its start.
+struct Snapshot {
+    run: pb::StatusEvent,
+    /// The first page of the execution's task runs.
+    task_runs: Vec<pb::StatusEvent>,
+    /// The execution whose snapshot goes on with more task runs, and the
+    /// sequence their next page starts after.
+    more_task_runs: Option<(ExecutionId, i64)>,
 }
 
 impl Streams {
@@ -49,7 +56,7 @@ impl Streams {
     ) -> Subscription {
         let store = self.ledger.store().clone();
         let shutdown = self.shutdown.clone();
-        Subscription::new(
+        let sub = Subscription::new(
             store,
             rx,
             scope,
@@ -57,9 +64,11 @@ impl Streams {
             shutdown,
             start.after,
             start.read_log,
-        )
-        .prepend(start.snapshot, start.ended)
-        .then_task_runs_after(start.more_task_runs)
+        );
+        match start.snapshot {
+            Some(s) => sub.with_snapshot(s.run, s.task_runs, s.more_task_runs, start.ended),
+            None => sub.ended_at_start(start.ended),
+        }
     }
 
     /// A cursor's start: refused if retention passed it; already ended if
@@ -70,8 +79,7 @@ impl Streams {
         Ok(Start {
             after,
             read_log: true,
-            snapshot: Vec::new(),
-            more_task_runs: None,
+            snapshot: None,
             ended: terminal && last_seq <= after,
         })
     }
@@ -114,20 +122,21 @@ impl Streams {
             let (exec, seq) = snap
                 .execution
                 .ok_or_else(|| crate::orchestration::execution_not_found(id))?;
-            let mut events = vec![convert::snapshot(Resource::Execution(&exec), seq)];
-            events.extend(
-                snap.task_runs
-                    .runs
-                    .iter()
-                    .map(|(t, s)| convert::snapshot(Resource::TaskRun(t), *s)),
-            );
-            let ended = exec.run.state.state_type.is_terminal();
+            let task_runs = snap
+                .task_runs
+                .runs
+                .iter()
+                .map(|(t, s)| convert::snapshot(Resource::TaskRun(t), *s))
+                .collect();
             Start {
                 after: snap.head,
                 read_log: false,
-                snapshot: events,
-                more_task_runs: snap.task_runs.next.map(|c| (id, c)),
-                ended,
+                snapshot: Some(Snapshot {
+                    run: convert::snapshot(Resource::Execution(&exec), seq),
+                    task_runs,
+                    more_task_runs: snap.task_runs.next.map(|after| (id, after)),
+                }),
+                ended: exec.run.state.state_type.is_terminal(),
             }
         } else {
             let (exec, last_seq) = self.ledger.execution(caller, id).await?;
@@ -155,12 +164,14 @@ impl Streams {
             let (run, head) = store.task_run_snapshot(&tenant, id).await?;
             let (run, seq) = run.ok_or_else(|| crate::orchestration::task_run_not_found(id))?;
             let ended = run.run.state.state_type.is_terminal();
-            let events = vec![convert::snapshot(Resource::TaskRun(&run), seq)];
             Start {
                 after: head,
                 read_log: false,
-                snapshot: events,
-                more_task_runs: None,
+                snapshot: Some(Snapshot {
+                    run: convert::snapshot(Resource::TaskRun(&run), seq),
+                    task_runs: Vec::new(),
+                    more_task_runs: None,
+                }),
                 ended,
             }
         } else {
@@ -185,8 +196,7 @@ impl Streams {
             Start {
                 after: head,
                 read_log: false,
-                snapshot: Vec::new(),
-                more_task_runs: None,
+                snapshot: None,
                 ended: false,
             }
         } else {

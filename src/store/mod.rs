@@ -140,16 +140,17 @@ pub struct Snapshot {
     /// The first page of its task runs, when asked for.
     pub task_runs: TaskRunPage,
     /// The log's head when the snapshot was read: everything up to here is
-    /// reflected in it.
+    /// reflected in it, and nothing after it.
     pub head: i64,
 }
 
-/// Task runs of an execution in creation order, each with the sequence of
-/// its latest event, and where the next page starts if one may follow.
+/// Task runs of an execution in the order of their latest events, each
+/// with that event's sequence, and the sequence the next page starts
+/// after if one may follow.
 #[derive(Debug, Clone, Default)]
 pub struct TaskRunPage {
     pub runs: Vec<(TaskRun, i64)>,
-    pub next: Option<Cursor>,
+    pub next: Option<i64>,
 }
 
 /// How many task runs a page of a snapshot holds at most.
@@ -162,6 +163,7 @@ const SNAPSHOT_PAGE_BYTES: usize = 64 * 1024;
 pub struct Store {
     read: SqlitePool,
     writes: mpsc::Sender<writer::BoxedOp>,
+    stop_writes: tokio_util::sync::CancellationToken,
     stats: std::sync::Arc<WriterStats>,
 }
 
@@ -225,12 +227,14 @@ impl Store {
             .await
             .map_err(failed)?;
         let (tx, rx) = mpsc::channel(4096);
+        let stop_writes = tokio_util::sync::CancellationToken::new();
+        let stop_writer = stop_writes.clone();
         let stats = std::sync::Arc::new(WriterStats::default());
         let writer_stats = std::sync::Arc::clone(&stats);
         let writer = writer::start(lock, move || async move {
             let (stop, stopped) = oneshot::channel();
             let checkpoints = tokio::spawn(checkpoint(checkpointer, stopped));
-            writer::run(conn, rx, feed, next_seq, writer_stats).await;
+            writer::run(conn, rx, stop_writer, feed, next_seq, writer_stats).await;
             let _ = stop.send(());
             let _ = checkpoints.await;
         })
@@ -240,6 +244,7 @@ impl Store {
             Store {
                 read,
                 writes: tx,
+                stop_writes,
                 stats,
             },
             writer,
@@ -413,7 +418,7 @@ impl Store {
             .map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s)))
             .transpose()?;
         let task_runs = if include_task_runs && execution.is_some() {
-            task_runs_page(&mut tx, id, None).await?
+            task_runs_page(&mut tx, id, 0, head).await?
         } else {
             TaskRunPage::default()
         };
@@ -425,15 +430,18 @@ impl Store {
         })
     }
 
-    /// The next page of an execution's task runs for a snapshot, after
-    /// `after` in creation order, as they are now.
+    /// The next page of an execution's task runs for a snapshot taken at
+    /// `head`: those whose latest event is after `after` and not after
+    /// `head`. A task run changed (or created) since the snapshot's head is
+    /// left out: its own later events show it.
     pub async fn task_runs_after(
         &self,
         execution: ExecutionId,
-        after: &Cursor,
+        after: i64,
+        head: i64,
     ) -> Result<TaskRunPage> {
         let mut conn = self.read.acquire().await?;
-        task_runs_page(&mut conn, execution, Some(after)).await
+        task_runs_page(&mut conn, execution, after, head).await
     }
 
     /// A task run with the log head, read in one consistent transaction.
@@ -516,36 +524,44 @@ impl Store {
         .await
     }
 
-    /// Closes the read pool (the writer ends when every handle is dropped).
+    /// Closes the read pool: later reads fail, and this waits for the
+    /// connections in use to come back.
     pub async fn close_reads(&self) {
         self.read.close().await;
     }
+
+    /// Tells the writer to stop, whoever still holds a handle: it commits
+    /// the writes it has already accepted, answers later ones UNAVAILABLE,
+    /// and ends ([`WriterTask::wait`]).
+    pub fn stop_writes(&self) {
+        self.stop_writes.cancel();
+    }
 }
 
-/// Up to a page of an execution's task runs after `after`, in creation
-/// order, bounded by count and by the bytes of their documents.
+/// Up to a page of an execution's task runs whose latest event is in
+/// (`after`, `head`], in the order of those events, bounded by count and
+/// by the bytes of their documents.
 async fn task_runs_page(
     conn: &mut SqliteConnection,
     execution: ExecutionId,
-    after: Option<&Cursor>,
+    after: i64,
+    head: i64,
 ) -> Result<TaskRunPage> {
     use futures::TryStreamExt;
 
-    let (created_at, id) =
-        after.map_or((i64::MIN, String::new()), |c| (c.created_at, c.id.clone()));
-    let mut rows = sqlx::query_as::<_, (String, i64, i64, String)>(sql::TASK_RUNS_OF_EXECUTION)
+    let mut rows = sqlx::query_as::<_, (String, i64)>(sql::TASK_RUNS_OF_EXECUTION)
         .bind(execution.to_string())
-        .bind(created_at)
-        .bind(id)
+        .bind(after)
+        .bind(head)
         .bind(SNAPSHOT_PAGE)
         .fetch(&mut *conn);
     let mut page = TaskRunPage::default();
     let mut bytes = 0;
     let mut last = None;
-    while let Some((doc, seq, created_at, id)) = rows.try_next().await? {
+    while let Some((doc, seq)) = rows.try_next().await? {
         bytes += doc.len();
         page.runs.push((rows::decode_doc(&doc)?, seq));
-        last = Some(Cursor { created_at, id });
+        last = Some(seq);
         if bytes >= SNAPSHOT_PAGE_BYTES {
             break;
         }

@@ -6,8 +6,8 @@ pub(crate) const TASK_RUN_BY_ID: &str =
     "SELECT doc, last_seq FROM task_runs WHERE tenant_id = ? AND id = ?";
 pub(crate) const STATES_OF_RUN: &str = "SELECT rowid, doc FROM states \
      WHERE tenant_id = ? AND run_id = ? AND rowid > ? ORDER BY rowid LIMIT ?";
-pub(crate) const TASK_RUNS_OF_EXECUTION: &str = "SELECT doc, last_seq, created_at, id FROM task_runs \
-     WHERE execution_id = ? AND (created_at, id) > (?, ?) ORDER BY created_at, id LIMIT ?";
+pub(crate) const TASK_RUNS_OF_EXECUTION: &str = "SELECT doc, last_seq FROM task_runs \
+     WHERE execution_id = ? AND last_seq > ? AND last_seq <= ? ORDER BY last_seq LIMIT ?";
 pub(crate) const EVENTS_OF_TENANT: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload \
      FROM events WHERE tenant_id = ? AND seq > ? ORDER BY seq LIMIT ?";
 pub(crate) const EVENTS_OF_EXECUTION: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload \

@@ -23,6 +23,7 @@ use std::{
 use futures::FutureExt;
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use super::{
@@ -125,22 +126,23 @@ impl<T, F> std::fmt::Debug for ClosureOp<T, F> {
 
 pub(crate) type BoxedOp = Box<dyn WriteOp>;
 
-/// The writer's thread, to await at shutdown once every `Store` handle is
-/// dropped.
+/// The writer's thread, to await at shutdown once the writer is told to
+/// stop (or every `Store` handle is dropped).
 #[derive(Debug)]
 pub struct WriterTask {
     finished: oneshot::Receiver<()>,
 }
 
-/// The writer ended before every `Store` handle was dropped: a defect
-/// outside any one operation stopped it, and no write can be made.
+/// The writer ended before it was told to stop: a defect outside any one
+/// operation stopped it, and no write can be made.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the store's writer stopped unexpectedly")]
 pub struct WriterStopped;
 
 impl WriterTask {
-    /// Waits until the writer has ended: after its last commit once every
-    /// `Store` handle is gone, or early if a defect stopped it.
+    /// Waits until the writer has ended: after its last commit once it is
+    /// told to stop (or every `Store` handle is gone), or early if a defect
+    /// stopped it.
     pub async fn wait(self) -> Result<(), WriterStopped> {
         self.finished.await.map_err(|_| WriterStopped)
     }
@@ -204,17 +206,33 @@ impl WriterStats {
     }
 }
 
-/// Runs until every sender is gone, then returns after the last commit.
+/// Runs until every sender is gone or `stop` fires, then returns after
+/// the last commit. Once stopped it takes no more operations (their
+/// callers get UNAVAILABLE) and commits those it had already accepted.
 pub(crate) async fn run(
     mut conn: SqliteConnection,
     mut rx: mpsc::Receiver<BoxedOp>,
+    stop: CancellationToken,
     feed: Feed,
     mut next_seq: i64,
     stats: Arc<WriterStats>,
 ) {
     let mut cache = RunCache::new(NonZeroUsize::new(CACHED_RUNS).expect("non-zero"));
     let mut batch: Vec<BoxedOp> = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    let mut stopping = false;
+    loop {
+        let received = tokio::select! {
+            biased;
+            () = stop.cancelled(), if !stopping => {
+                stopping = true;
+                rx.close();
+                continue;
+            }
+            n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+        };
+        if received == 0 {
+            break;
+        }
         match commit(&mut conn, &mut cache, &mut batch, next_seq).await {
             Ok(events) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);

@@ -1,4 +1,4 @@
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use tokio_util::sync::CancellationToken;
 
@@ -7,7 +7,7 @@ use crate::{
     Error, Result,
     domain::{ExecutionId, Resource},
     grpc::{convert, pb},
-    store::{Cursor, LogScope, Store},
+    store::{LogScope, Store},
 };
 
 /// How many events one read of the log returns at most.
@@ -54,11 +54,11 @@ pub struct Subscription {
     read_log: bool,
     done: bool,
     /// The rest of a snapshot still to read, a page at a time: its
-    /// execution and where its next page of task runs starts.
-    snapshot_rest: Option<(ExecutionId, Cursor)>,
-    /// Task runs whose snapshot, read after the starting point, already
-    /// reflects their events up to this sequence.
-    reflected: HashMap<String, i64>,
+    /// execution and the sequence its next page of task runs starts after.
+    snapshot_rest: Option<(ExecutionId, i64)>,
+    /// The run's own snapshot event, held back until the task runs whose
+    /// latest events came before it have been delivered.
+    held: Option<pb::StatusEvent>,
 }
 
 impl Subscription {
@@ -89,26 +89,54 @@ impl Subscription {
             read_log,
             done: false,
             snapshot_rest: None,
-            reflected: HashMap::new(),
+            held: None,
         }
     }
 
-    /// Delivers `events` first (a snapshot). With `run_terminal`, the
-    /// run was terminal at the starting point: nothing follows but its
-    /// delete, should one come after that point.
-    pub fn prepend(mut self, events: Vec<pb::StatusEvent>, run_terminal: bool) -> Self {
-        self.ready.extend(events.into_iter().map(EventMessage::new));
+    /// Delivers a snapshot taken at the starting point first: the run's
+    /// own SNAPSHOT event and the first page of its task runs' (in the
+    /// order of their sequences), then, with `rest`, the task runs of that
+    /// execution whose latest events come after the given sequence and not
+    /// after the starting point, read a page at a time as the client takes
+    /// them. Every event of the snapshot is delivered in sequence order,
+    /// and none after the starting point; see [`Self::ended_at_start`] for
+    /// `run_terminal`.
+    pub fn with_snapshot(
+        mut self,
+        run: pb::StatusEvent,
+        task_runs: Vec<pb::StatusEvent>,
+        rest: Option<(ExecutionId, i64)>,
+        run_terminal: bool,
+    ) -> Self {
+        self.held = Some(run);
+        self.snapshot_page(task_runs, rest);
+        self.ended_at_start(run_terminal)
+    }
+
+    /// With `run_terminal`, the run was terminal at the starting point:
+    /// nothing follows but its delete, should one come after that point.
+    pub fn ended_at_start(mut self, run_terminal: bool) -> Self {
         if run_terminal && self.end == End::AtTerminal {
             self.end = End::Terminal(self.last);
         }
         self
     }
 
-    /// The snapshot goes on with the task runs of an execution after a
-    /// cursor, read a page at a time as the client takes them.
-    pub fn then_task_runs_after(mut self, rest: Option<(ExecutionId, Cursor)>) -> Self {
+    /// Queues a page of the snapshot's task runs, with the run's own event
+    /// in its place among them, and notes where the next page starts.
+    fn snapshot_page(&mut self, task_runs: Vec<pb::StatusEvent>, rest: Option<(ExecutionId, i64)>) {
+        for e in task_runs {
+            if let Some(run) = self.held.take_if(|run| run.sequence < e.sequence) {
+                self.ready.push_back(EventMessage::new(run));
+            }
+            self.ready.push_back(EventMessage::new(e));
+        }
+        if rest.is_none()
+            && let Some(run) = self.held.take()
+        {
+            self.ready.push_back(EventMessage::new(run));
+        }
         self.snapshot_rest = rest;
-        self
     }
 
     /// The next event, an error that ends the stream, or None at its end.
@@ -123,8 +151,8 @@ impl Subscription {
             if self.shutdown.is_cancelled() {
                 return self.fail(Error::Unavailable);
             }
-            if let Some((execution, cursor)) = self.snapshot_rest.take() {
-                if let Err(e) = self.read_snapshot_page(execution, &cursor).await {
+            if let Some((execution, after)) = self.snapshot_rest.take() {
+                if let Err(e) = self.read_snapshot_page(execution, after).await {
                     return self.fail(e);
                 }
                 continue;
@@ -170,37 +198,28 @@ impl Subscription {
         }
     }
 
-    /// Reads the next page of the snapshot's task runs. Those read after
-    /// the starting point may reflect later events: each such event is
-    /// passed over, as its run's snapshot already shows it.
-    async fn read_snapshot_page(&mut self, execution: ExecutionId, cursor: &Cursor) -> Result<()> {
-        let page = self.store.task_runs_after(execution, cursor).await?;
-        for (run, seq) in &page.runs {
-            if *seq > self.last {
-                self.reflected.insert(run.id.to_string(), *seq);
-            }
-            self.ready.push_back(EventMessage::new(convert::snapshot(
-                Resource::TaskRun(run),
-                *seq,
-            )));
-        }
-        self.snapshot_rest = page.next.map(|c| (execution, c));
+    /// Reads the next page of the snapshot's task runs. It is read later
+    /// than the starting point (`last`, until the snapshot is delivered),
+    /// so it leaves out the task runs changed since: their events after
+    /// that point show them whole.
+    async fn read_snapshot_page(&mut self, execution: ExecutionId, after: i64) -> Result<()> {
+        let page = self
+            .store
+            .task_runs_after(execution, after, self.last)
+            .await?;
+        let events = page
+            .runs
+            .iter()
+            .map(|(run, seq)| convert::snapshot(Resource::TaskRun(run), *seq))
+            .collect();
+        self.snapshot_page(events, page.next.map(|after| (execution, after)));
         Ok(())
     }
 
     /// Moves past `e`, the next event after `last`: the message to
-    /// deliver if it is in scope and matches the filter, and not already
-    /// shown by a snapshot.
+    /// deliver if it is in scope and matches the filter.
     fn take(&mut self, e: &LoggedEvent) -> Option<EventMessage> {
         self.last = e.seq;
-        if let Some(id) = &e.task_run_id
-            && let Some(&shown) = self.reflected.get(id)
-        {
-            if e.seq <= shown {
-                return None;
-            }
-            self.reflected.remove(id);
-        }
         if !self.scope.matches(e) || !self.filter.matches(e) {
             return None;
         }
