@@ -898,7 +898,7 @@ async fn resume_execution(
     if !missing.is_empty() {
         return Err(Error::InvalidArgument(Violations::single(
             "run_input",
-            format!("missing keys: {}", missing.join(", ")),
+            format!("missing keys: {}", key_list(&missing)),
         )));
     }
     let mut next = StateProposal::of_type(StateType::Running);
@@ -915,6 +915,28 @@ async fn resume_execution(
     )
     .await?;
     Ok(exec)
+}
+
+/// How many characters of quoted keys a message lists before it only
+/// counts the rest.
+const MAX_LISTED_KEY_CHARS: usize = 500;
+
+/// `keys` quoted, comma-separated, as many as fit in
+/// [`MAX_LISTED_KEY_CHARS`], then how many more there are.
+fn key_list(keys: &[&str]) -> String {
+    let mut out = String::new();
+    for (i, key) in keys.iter().enumerate() {
+        let quoted = quote(key);
+        if i > 0 && out.len() + quoted.len() + 2 > MAX_LISTED_KEY_CHARS {
+            out.push_str(&format!(" and {} more", keys.len() - i));
+            break;
+        }
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(&quoted);
+    }
+    out
 }
 
 /// How many timed-out pauses one sweep handles; the next sweep does more.
