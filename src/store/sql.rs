@@ -33,16 +33,19 @@ pub(crate) const FIRST_EVENT_KEPT: &str =
 pub(crate) const EXPIRED_CACHE_ENTRIES: &str = "DELETE FROM cache_entries WHERE expiration <= ?";
 pub(crate) const CREATE_CLOSED_RUNS: &str =
     "CREATE TEMP TABLE IF NOT EXISTS closed_runs (id TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID";
-/// Finished runs (terminal or deleted) whose last event is in the range
-/// of the log being removed: ?1 < seq <= ?2.
+/// Finished runs whose last event is in the range of the log being
+/// removed: ?1 < seq <= ?2. Finished means COMPLETED, CANCELLED or
+/// deleted. A FAILED or CRASHED run is one a client may yet retry (forcing
+/// it back to RUNNING), so it keeps its history and transition results,
+/// and a repeated transition_id is answered from them.
 pub(crate) const CLOSED_RUNS_IN_RANGE: &str = "INSERT OR IGNORE INTO temp.closed_runs (id) \
      SELECT id FROM executions WHERE id IN \
          (SELECT execution_id FROM events WHERE seq > ?1 AND seq <= ?2) \
-       AND last_seq <= ?2 AND (state_type IN (4, 5, 6, 7) OR deleted_at IS NOT NULL) \
+       AND last_seq <= ?2 AND (state_type IN (4, 6) OR deleted_at IS NOT NULL) \
      UNION ALL \
      SELECT id FROM task_runs WHERE id IN \
          (SELECT task_run_id FROM events WHERE seq > ?1 AND seq <= ?2) \
-       AND last_seq <= ?2 AND (state_type IN (4, 5, 6, 7) OR deleted_at IS NOT NULL)";
+       AND last_seq <= ?2 AND (state_type IN (4, 6) OR deleted_at IS NOT NULL)";
 /// The history rows of closed runs, but for each run's current state.
 pub(crate) const PRUNE_CLOSED_STATES: &str = "DELETE FROM states \
      WHERE run_id IN (SELECT id FROM temp.closed_runs) \
@@ -54,15 +57,11 @@ pub(crate) const PRUNE_CLOSED_TRANSITIONS: &str =
 mod tests {
     use crate::domain::StateType;
 
-    /// The retention queries name the terminal state types by code.
+    /// The retention queries name COMPLETED and CANCELLED by code.
     #[test]
-    fn terminal_codes_are_those_retention_names() {
-        let terminal: Vec<i64> = StateType::ALL
-            .iter()
-            .filter(|t| t.is_terminal())
-            .map(|t| t.code())
-            .collect();
-        assert_eq!(terminal, [4, 5, 6, 7]);
-        assert!(super::CLOSED_RUNS_IN_RANGE.contains("state_type IN (4, 5, 6, 7)"));
+    fn final_codes_are_those_retention_names() {
+        let codes = [StateType::Completed.code(), StateType::Cancelled.code()];
+        assert_eq!(codes, [4, 6]);
+        assert!(super::CLOSED_RUNS_IN_RANGE.contains("state_type IN (4, 6)"));
     }
 }
