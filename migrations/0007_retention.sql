@@ -25,3 +25,8 @@ DELETE FROM states WHERE run_id IN (
       AND (state_type IN (4, 6) OR deleted_at IS NOT NULL)
 )
 AND rowid < (SELECT MAX(kept.rowid) FROM states AS kept WHERE kept.run_id = states.run_id);
+
+-- Templates read the latest COMPLETED run of a task key, and whether any
+-- of the key's runs has not ended, from the index alone.
+CREATE INDEX task_runs_by_key_state
+    ON task_runs (execution_id, task_key, state_type, created_at DESC, id DESC);

@@ -517,3 +517,95 @@ async fn a_page_of_large_runs_is_cut_to_what_a_client_accepts() {
     created.reverse();
     assert_eq!(listed, created, "every run once, newest first");
 }
+
+#[tokio::test]
+async fn templates_read_at_most_a_bounded_total_of_upstream_outputs() {
+    let app = spawn_app().await;
+    let exec = running_execution(&app).await;
+    // Seventeen upstreams of about 1 MB each: more than 16 MiB together.
+    for i in 0..17 {
+        let up = task_run_with(&app, &exec.id, &format!("k{i}"), serde_json::json!({})).await;
+        run(&app, &up.id).await;
+        complete(
+            &app,
+            &up.id,
+            serde_json::json!({ "n": i, "blob": "x".repeat(1_000_000) }),
+        )
+        .await;
+    }
+    let refs = |n: usize| -> serde_json::Value {
+        (0..n)
+            .map(|i| serde_json::json!(format!("{{{{k{i}.output.n}}}}")))
+            .collect()
+    };
+
+    // Small as the resolved input would be, reading every output is
+    // refused.
+    let all = task_run_with(&app, &exec.id, "all", serde_json::json!({ "n": refs(17) })).await;
+    let r = run(&app, &all.id).await;
+    assert_eq!(status(r.status), pb::SetStateStatus::Reject);
+    let message = template_error(r.task_run.as_ref().unwrap());
+    assert!(message.contains("larger than 16777216 bytes"), "{message}");
+
+    // Sixteen of them fit.
+    let some = task_run_with(&app, &exec.id, "some", serde_json::json!({ "n": refs(16) })).await;
+    let r = run(&app, &some.id).await;
+    assert_eq!(status(r.status), pb::SetStateStatus::Accept);
+    let resolved = get(&app, &some.id).await.resolved_input.unwrap();
+    let expected: Vec<serde_json::Value> = (0..16).map(|i| serde_json::json!(i)).collect();
+    assert_eq!(
+        runledger::grpc::convert::from_value(&resolved).unwrap(),
+        serde_json::json!({ "n": expected })
+    );
+}
+
+#[tokio::test]
+async fn a_template_reads_the_latest_completed_run_of_its_key() {
+    let app = spawn_app().await;
+    let exec = running_execution(&app).await;
+    let keyed = |dynamic_key: &str| pb::CreateTaskRunRequest {
+        execution_id: exec.id.clone(),
+        task_key: "step".into(),
+        dynamic_key: dynamic_key.into(),
+        ..Default::default()
+    };
+    let mut ids = Vec::new();
+    for d in ["a", "b", "c"] {
+        let t = app
+            .task_runs
+            .clone()
+            .create_task_run(keyed(d))
+            .await
+            .unwrap()
+            .into_inner()
+            .task_run
+            .unwrap();
+        ids.push(t.id);
+    }
+    let consumer = |key: &'static str| {
+        let app = &app;
+        let exec = &exec;
+        async move {
+            let t = task_run_with(app, &exec.id, key, serde_json::json!("{{step.output}}")).await;
+            run(app, &t.id).await
+        }
+    };
+    // Not one has ended: the consumer waits.
+    let r = consumer("first").await;
+    assert_eq!(status(r.status), pb::SetStateStatus::Wait);
+    // The older two complete, the newest still runs: the newer completed
+    // output is used.
+    for (id, n) in ids.iter().zip([1, 2]) {
+        run(&app, id).await;
+        complete(&app, id, serde_json::json!(n)).await;
+    }
+    run(&app, &ids[2]).await;
+    let r = consumer("second").await;
+    assert_eq!(status(r.status), pb::SetStateStatus::Accept);
+    let t = r.task_run.unwrap();
+    assert_eq!(
+        runledger::grpc::convert::from_value(t.resolved_input.as_ref().unwrap()).unwrap(),
+        serde_json::json!(2)
+    );
+    assert_eq!(t.task_inputs, [ids[1].clone()]);
+}

@@ -20,8 +20,17 @@ pub(crate) const EXECUTION_BY_REQUEST_ID: &str =
     "SELECT id, doc, request_hash FROM executions WHERE tenant_id = ? AND request_id = ?";
 pub(crate) const TASK_RUN_BY_KEY: &str =
     "SELECT id, doc FROM task_runs WHERE execution_id = ? AND task_key = ? AND dynamic_key = ?";
-pub(crate) const TASK_RUNS_BY_KEY: &str = "SELECT doc FROM task_runs WHERE execution_id = ? AND task_key = ? \
-     ORDER BY created_at DESC, id DESC";
+/// The latest COMPLETED run of a task key but one (?3), with its output
+/// alone, as JSON text.
+pub(crate) const LATEST_COMPLETED_OF_KEY: &str = "SELECT id, doc -> '$.run.output' FROM task_runs \
+     WHERE execution_id = ?1 AND task_key = ?2 AND state_type = 4 AND id <> ?3 \
+     ORDER BY created_at DESC, id DESC LIMIT 1";
+/// Whether a task key has runs but one (?3), and whether one of them has
+/// not ended (SCHEDULED, PENDING, RUNNING, PAUSED, CANCELLING).
+pub(crate) const RUNS_OF_KEY_EXIST: &str = "SELECT \
+     EXISTS (SELECT 1 FROM task_runs WHERE execution_id = ?1 AND task_key = ?2 AND id <> ?3), \
+     EXISTS (SELECT 1 FROM task_runs WHERE execution_id = ?1 AND task_key = ?2 AND id <> ?3 \
+         AND state_type IN (1, 2, 3, 8, 9))";
 pub(crate) const EXPIRED_PAUSED_EXECUTIONS: &str =
     "SELECT tenant_id, id FROM executions WHERE pause_deadline <= ? LIMIT ?";
 pub(crate) const EXPIRED_PAUSED_TASK_RUNS: &str =
@@ -56,6 +65,20 @@ pub(crate) const PRUNE_CLOSED_TRANSITIONS: &str =
 #[cfg(test)]
 mod tests {
     use crate::domain::StateType;
+
+    /// The upstream queries name COMPLETED and the unfinished types by code.
+    #[test]
+    fn upstream_queries_name_completed_and_the_unfinished_codes() {
+        let unfinished: Vec<i64> = StateType::ALL
+            .iter()
+            .filter(|t| !t.is_terminal())
+            .map(|t| t.code())
+            .collect();
+        assert_eq!(unfinished, [1, 2, 3, 8, 9]);
+        assert!(super::RUNS_OF_KEY_EXIST.contains("state_type IN (1, 2, 3, 8, 9)"));
+        assert_eq!(StateType::Completed.code(), 4);
+        assert!(super::LATEST_COMPLETED_OF_KEY.contains("state_type = 4 "));
+    }
 
     /// The retention queries name COMPLETED and CANCELLED by code.
     #[test]
