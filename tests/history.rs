@@ -268,3 +268,55 @@ async fn retention_keeps_only_the_current_state_of_finished_runs_and_drops_expir
     db.close().await.unwrap();
     app.stop().await;
 }
+
+#[tokio::test]
+async fn retention_keeps_the_history_and_transition_results_of_runs_that_may_be_retried() {
+    let app = spawn_app_with(|c| {
+        c.event_retention = Duration::ZERO;
+        c.prune_interval = Duration::from_millis(20);
+    })
+    .await;
+    let failed = create_execution(&app).await;
+    force(&app, &failed.id, Running, "start-failed").await;
+    force(&app, &failed.id, Failed, "fail-failed").await;
+    // Finished after it: once retention has reduced this one, it has
+    // passed every event of the failed run too.
+    let finished = create_execution(&app).await;
+    force(&app, &finished.id, Running, "").await;
+    force(&app, &finished.id, Completed, "").await;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let exec = list_states(&app, states_of_execution(&finished.id, 0, "")).await;
+            if exec.states.len() == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("retention reduces the finished run to its current state");
+
+    let types: Vec<i32> = list_states(&app, states_of_execution(&failed.id, 0, ""))
+        .await
+        .states
+        .iter()
+        .map(|s| s.r#type)
+        .collect();
+    assert_eq!(types, [Pending as i32, Running as i32, Failed as i32]);
+    // A repeated transition_id is answered from the record: the FAILED
+    // run does not start again.
+    force(&app, &failed.id, Running, "start-failed").await;
+    let got = app
+        .executions
+        .clone()
+        .get_execution(pb::GetExecutionRequest {
+            id: failed.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+    assert_eq!(state_of(&got), Failed);
+    app.stop().await;
+}

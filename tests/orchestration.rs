@@ -590,6 +590,62 @@ async fn the_review_flow_pauses_for_confirmation_then_resumes_with_it() {
 }
 
 #[tokio::test]
+async fn a_resume_missing_many_long_keys_gets_a_short_message() {
+    let app = spawn_app().await;
+    let exec = running_execution(&app).await;
+    let keyset = |len: usize| pb::StateDetails {
+        run_input_keyset: (0..100)
+            .map(|i| {
+                (
+                    format!("{i:03}{}", "k".repeat(len - 3)),
+                    "wanted".to_owned(),
+                )
+            })
+            .collect(),
+        ..Default::default()
+    };
+    // A key longer than any key may be is refused, and the run stays.
+    let refused = app
+        .executions
+        .clone()
+        .set_execution_state(pb::SetExecutionStateRequest {
+            id: exec.id.clone(),
+            state: Some(pb::StateCreate {
+                r#type: Paused as i32,
+                details: Some(keyset(10_000)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(
+        violated_fields(&refused),
+        ["state.details.run_input_keyset"]
+    );
+    assert!(refused.message().len() < 1_000, "{}", refused.message());
+
+    // The longest keys allowed, all missing: the message names a few.
+    let p = pause(&app, &exec.id, keyset(200), serde_json::json!({})).await;
+    assert_eq!(type_of(&p.state), Paused);
+    let missing = app
+        .executions
+        .clone()
+        .resume_execution(pb::ResumeExecutionRequest {
+            id: exec.id.clone(),
+            run_input: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&missing), ["run_input"]);
+    let message = missing.message();
+    assert!(message.len() < 1_000, "{} bytes: {message}", message.len());
+    assert!(message.contains("\"000kkk"), "{message}");
+    assert!(message.contains(" more"), "{message}");
+}
+
+#[tokio::test]
 async fn a_pause_that_times_out_fails_the_run() {
     let app = spawn_app_with(|c| c.pause_sweep_interval = Duration::from_millis(20)).await;
     let exec = running_execution(&app).await;

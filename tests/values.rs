@@ -517,3 +517,195 @@ async fn a_page_of_large_runs_is_cut_to_what_a_client_accepts() {
     created.reverse();
     assert_eq!(listed, created, "every run once, newest first");
 }
+
+#[tokio::test]
+async fn templates_read_at_most_a_bounded_total_of_upstream_outputs() {
+    let app = spawn_app().await;
+    let exec = running_execution(&app).await;
+    // Seventeen upstreams of about 1 MB each: more than 16 MiB together.
+    for i in 0..17 {
+        let up = task_run_with(&app, &exec.id, &format!("k{i}"), serde_json::json!({})).await;
+        run(&app, &up.id).await;
+        complete(
+            &app,
+            &up.id,
+            serde_json::json!({ "n": i, "blob": "x".repeat(1_000_000) }),
+        )
+        .await;
+    }
+    let refs = |n: usize| -> serde_json::Value {
+        (0..n)
+            .map(|i| serde_json::json!(format!("{{{{k{i}.output.n}}}}")))
+            .collect()
+    };
+
+    // Small as the resolved input would be, reading every output is
+    // refused.
+    let all = task_run_with(&app, &exec.id, "all", serde_json::json!({ "n": refs(17) })).await;
+    let r = run(&app, &all.id).await;
+    assert_eq!(status(r.status), pb::SetStateStatus::Reject);
+    let message = template_error(r.task_run.as_ref().unwrap());
+    assert!(message.contains("larger than 16777216 bytes"), "{message}");
+
+    // Sixteen of them fit.
+    let some = task_run_with(&app, &exec.id, "some", serde_json::json!({ "n": refs(16) })).await;
+    let r = run(&app, &some.id).await;
+    assert_eq!(status(r.status), pb::SetStateStatus::Accept);
+    let resolved = get(&app, &some.id).await.resolved_input.unwrap();
+    let expected: Vec<serde_json::Value> = (0..16).map(|i| serde_json::json!(i)).collect();
+    assert_eq!(
+        runledger::grpc::convert::from_value(&resolved).unwrap(),
+        serde_json::json!({ "n": expected })
+    );
+}
+
+#[tokio::test]
+async fn a_template_reads_the_latest_completed_run_of_its_key() {
+    let app = spawn_app().await;
+    let exec = running_execution(&app).await;
+    let keyed = |dynamic_key: &str| pb::CreateTaskRunRequest {
+        execution_id: exec.id.clone(),
+        task_key: "step".into(),
+        dynamic_key: dynamic_key.into(),
+        ..Default::default()
+    };
+    let mut ids = Vec::new();
+    for d in ["a", "b", "c"] {
+        let t = app
+            .task_runs
+            .clone()
+            .create_task_run(keyed(d))
+            .await
+            .unwrap()
+            .into_inner()
+            .task_run
+            .unwrap();
+        ids.push(t.id);
+    }
+    let consumer = |key: &'static str| {
+        let app = &app;
+        let exec = &exec;
+        async move {
+            let t = task_run_with(app, &exec.id, key, serde_json::json!("{{step.output}}")).await;
+            run(app, &t.id).await
+        }
+    };
+    // Not one has ended: the consumer waits.
+    let r = consumer("first").await;
+    assert_eq!(status(r.status), pb::SetStateStatus::Wait);
+    // The older two complete, the newest still runs: the newer completed
+    // output is used.
+    for (id, n) in ids.iter().zip([1, 2]) {
+        run(&app, id).await;
+        complete(&app, id, serde_json::json!(n)).await;
+    }
+    run(&app, &ids[2]).await;
+    let r = consumer("second").await;
+    assert_eq!(status(r.status), pb::SetStateStatus::Accept);
+    let t = r.task_run.unwrap();
+    assert_eq!(
+        runledger::grpc::convert::from_value(t.resolved_input.as_ref().unwrap()).unwrap(),
+        serde_json::json!(2)
+    );
+    assert_eq!(t.task_inputs, [ids[1].clone()]);
+}
+
+fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_reads_one_run_of_a_key_however_many_it_has() {
+    const RUNS: usize = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Process::start(&db_path(dir.path()));
+    let pid = server.child.id();
+    let channel = connect(server.addr).await;
+    let mut execs = ExecutionServiceClient::new(channel.clone());
+    let mut tasks = TaskRunServiceClient::new(channel);
+    let exec = execs
+        .create_execution(goal("many runs of one key"))
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+    execs
+        .set_execution_state(pb::SetExecutionStateRequest {
+            id: exec.id.clone(),
+            state: state(pb::StateType::Running),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let propose = |id: &str, t: pb::StateType, output: Option<serde_json::Value>| {
+        pb::SetTaskRunStateRequest {
+            id: id.into(),
+            state: state(t),
+            output: output.map(json),
+            ..Default::default()
+        }
+    };
+    // Sixty COMPLETED runs of one key, about 1 MB of output each.
+    for i in 0..RUNS {
+        let t = tasks
+            .create_task_run(pb::CreateTaskRunRequest {
+                execution_id: exec.id.clone(),
+                task_key: "big".into(),
+                dynamic_key: i.to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task_run
+            .unwrap();
+        tasks
+            .set_task_run_state(propose(&t.id, pb::StateType::Running, None))
+            .await
+            .unwrap();
+        let output = serde_json::json!({ "n": i, "blob": "x".repeat(1_000_000) });
+        tasks
+            .set_task_run_state(propose(&t.id, pb::StateType::Completed, Some(output)))
+            .await
+            .unwrap();
+    }
+    let consumer = tasks
+        .create_task_run(pb::CreateTaskRunRequest {
+            execution_id: exec.id.clone(),
+            task_key: "use".into(),
+            input: Some(json(serde_json::json!({ "n": "{{big.output.n}}" }))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_run
+        .unwrap();
+    let before = proc_kib(pid, "VmHWM:");
+    let r = tasks
+        .set_task_run_state(propose(&consumer.id, pb::StateType::Running, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let peak = proc_kib(pid, "VmHWM:");
+    server.kill();
+    assert_eq!(status(r.status), pb::SetStateStatus::Accept);
+    let resolved = r.task_run.unwrap().resolved_input.unwrap();
+    assert_eq!(
+        runledger::grpc::convert::from_value(&resolved).unwrap(),
+        serde_json::json!({ "n": RUNS - 1 })
+    );
+    // Reading every run of the key would take over 100 MB; one run's
+    // output is about 1 MB.
+    let grew = peak.saturating_sub(before);
+    assert!(
+        grew < 30 * 1024,
+        "the server's peak memory grew by {grew} KiB resolving one reference"
+    );
+}

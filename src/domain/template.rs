@@ -13,6 +13,10 @@ use super::{TaskRunId, json, quote};
 /// The most task keys one input may reference.
 pub const MAX_REFERENCED_KEYS: usize = 1_000;
 
+/// The most bytes of upstream outputs (encoded as stored) one input's
+/// templates may read, all referenced keys together.
+pub const MAX_UPSTREAM_BYTES: usize = 16 * json::MAX_ENCODED_BYTES;
+
 /// One `{{...}}` reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reference {

@@ -123,6 +123,15 @@ fn details(prefix: &str, d: Option<pb::StateDetails>, v: &mut Violations) -> Sta
             format!("at most {MAX_KEYSET_KEYS} keys"),
         );
     }
+    if d.run_input_keyset.keys().any(|k| {
+        let n = k.chars().count();
+        n == 0 || n > MAX_KEY_CHARS
+    }) {
+        v.add(
+            f("run_input_keyset"),
+            format!("keys must be 1 to {MAX_KEY_CHARS} characters"),
+        );
+    }
     StateDetails {
         scheduled_time: timestamp(&f("scheduled_time"), d.scheduled_time.as_ref(), v),
         cache_key: optional_chars(&f("cache_key"), d.cache_key, MAX_CACHE_KEY_CHARS, v),

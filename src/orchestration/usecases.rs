@@ -758,21 +758,60 @@ async fn task_context(
     let keys = template::referenced_keys(&run.input);
     let keys_len = keys.len();
     if !keys.is_empty() {
-        let mut upstreams = BTreeMap::new();
-        for key in keys {
-            let mut runs = tx.task_runs_by_key(run.execution_id, &key).await?;
-            // A run is never its own upstream.
-            runs.retain(|r| r.id != run.id);
-            upstreams.insert(key, upstream(&runs));
-        }
-        let room = resolution_room(run, &proposal.state, keys_len);
-        task.templates = Some(template::resolve(
-            &run.input,
-            &upstreams,
-            json::MAX_ENCODED_BYTES.min(room),
-        ));
+        task.templates = Some(match upstreams(tx, run, keys).await? {
+            Some(upstreams) => {
+                let room = resolution_room(run, &proposal.state, keys_len);
+                template::resolve(&run.input, &upstreams, json::MAX_ENCODED_BYTES.min(room))
+            }
+            None => Resolution::Failed {
+                message: format!(
+                    "the outputs of the task runs this input references are larger than {} \
+                     bytes together",
+                    template::MAX_UPSTREAM_BYTES
+                ),
+            },
+        });
     }
     Ok(task)
+}
+
+/// What each of `keys` offers `run`'s templates, reading only the output
+/// of each key's latest COMPLETED run; None when those outputs together
+/// are larger than [`template::MAX_UPSTREAM_BYTES`].
+async fn upstreams(
+    tx: &mut WriteTx<'_>,
+    run: &TaskRun,
+    keys: Vec<String>,
+) -> Result<Option<BTreeMap<String, Upstream>>> {
+    let mut upstreams = BTreeMap::new();
+    let mut loaded = 0usize;
+    for key in keys {
+        // A run is never its own upstream.
+        let found = match tx
+            .latest_completed_output(run.execution_id, &key, run.id)
+            .await?
+        {
+            Some((id, output)) => {
+                loaded = loaded.saturating_add(output.as_ref().map_or(0, String::len));
+                if loaded > template::MAX_UPSTREAM_BYTES {
+                    return Ok(None);
+                }
+                let output = match output {
+                    Some(text) => serde_json::from_str(&text)
+                        .map_err(|e| Error::Internal(format!("decoding a stored output: {e}")))?,
+                    None => Value::Null,
+                };
+                Upstream::Completed { id, output }
+            }
+            None => match tx.runs_of_key_exist(run.execution_id, &key, run.id).await? {
+                (false, _) => Upstream::Missing,
+                (true, true) => Upstream::InProgress,
+                (true, false) => Upstream::EndedOtherwise,
+            },
+        };
+        upstreams.insert(key, found);
+    }
+    Ok(Some(upstreams))
 }
 
 /// How many encoded bytes the resolved input may take so that the run,
@@ -790,27 +829,6 @@ fn resolution_room(run: &TaskRun, next: &StateProposal, keys: usize) -> usize {
         + keys * 40
         + 7;
     document::MAX_RUN_BYTES.saturating_sub(others)
-}
-
-/// What a task key's runs (newest first) offer a template: the latest
-/// COMPLETED output, or why there is none.
-fn upstream(runs: &[TaskRun]) -> Upstream {
-    if let Some(done) = runs
-        .iter()
-        .find(|r| r.run.state.state_type == StateType::Completed)
-    {
-        return Upstream::Completed {
-            id: done.id,
-            output: done.run.output.clone().unwrap_or(Value::Null),
-        };
-    }
-    if runs.is_empty() {
-        Upstream::Missing
-    } else if runs.iter().any(|r| !r.run.state.state_type.is_terminal()) {
-        Upstream::InProgress
-    } else {
-        Upstream::EndedOtherwise
-    }
 }
 
 async fn cancel_execution(
@@ -898,7 +916,7 @@ async fn resume_execution(
     if !missing.is_empty() {
         return Err(Error::InvalidArgument(Violations::single(
             "run_input",
-            format!("missing keys: {}", missing.join(", ")),
+            format!("missing keys: {}", key_list(&missing)),
         )));
     }
     let mut next = StateProposal::of_type(StateType::Running);
@@ -915,6 +933,28 @@ async fn resume_execution(
     )
     .await?;
     Ok(exec)
+}
+
+/// How many characters of quoted keys a message lists before it only
+/// counts the rest.
+const MAX_LISTED_KEY_CHARS: usize = 500;
+
+/// `keys` quoted, comma-separated, as many as fit in
+/// [`MAX_LISTED_KEY_CHARS`], then how many more there are.
+fn key_list(keys: &[&str]) -> String {
+    let mut out = String::new();
+    for (i, key) in keys.iter().enumerate() {
+        let quoted = quote(key);
+        if i > 0 && out.len() + quoted.len() + 2 > MAX_LISTED_KEY_CHARS {
+            out.push_str(&format!(" and {} more", keys.len() - i));
+            break;
+        }
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(&quoted);
+    }
+    out
 }
 
 /// How many timed-out pauses one sweep handles; the next sweep does more.

@@ -20,8 +20,17 @@ pub(crate) const EXECUTION_BY_REQUEST_ID: &str =
     "SELECT id, doc, request_hash FROM executions WHERE tenant_id = ? AND request_id = ?";
 pub(crate) const TASK_RUN_BY_KEY: &str =
     "SELECT id, doc FROM task_runs WHERE execution_id = ? AND task_key = ? AND dynamic_key = ?";
-pub(crate) const TASK_RUNS_BY_KEY: &str = "SELECT doc FROM task_runs WHERE execution_id = ? AND task_key = ? \
-     ORDER BY created_at DESC, id DESC";
+/// The latest COMPLETED run of a task key but one (?3), with its output
+/// alone, as JSON text.
+pub(crate) const LATEST_COMPLETED_OF_KEY: &str = "SELECT id, doc -> '$.run.output' FROM task_runs \
+     WHERE execution_id = ?1 AND task_key = ?2 AND state_type = 4 AND id <> ?3 \
+     ORDER BY created_at DESC, id DESC LIMIT 1";
+/// Whether a task key has runs but one (?3), and whether one of them has
+/// not ended (SCHEDULED, PENDING, RUNNING, PAUSED, CANCELLING).
+pub(crate) const RUNS_OF_KEY_EXIST: &str = "SELECT \
+     EXISTS (SELECT 1 FROM task_runs WHERE execution_id = ?1 AND task_key = ?2 AND id <> ?3), \
+     EXISTS (SELECT 1 FROM task_runs WHERE execution_id = ?1 AND task_key = ?2 AND id <> ?3 \
+         AND state_type IN (1, 2, 3, 8, 9))";
 pub(crate) const EXPIRED_PAUSED_EXECUTIONS: &str =
     "SELECT tenant_id, id FROM executions WHERE pause_deadline <= ? LIMIT ?";
 pub(crate) const EXPIRED_PAUSED_TASK_RUNS: &str =
@@ -33,16 +42,19 @@ pub(crate) const FIRST_EVENT_KEPT: &str =
 pub(crate) const EXPIRED_CACHE_ENTRIES: &str = "DELETE FROM cache_entries WHERE expiration <= ?";
 pub(crate) const CREATE_CLOSED_RUNS: &str =
     "CREATE TEMP TABLE IF NOT EXISTS closed_runs (id TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID";
-/// Finished runs (terminal or deleted) whose last event is in the range
-/// of the log being removed: ?1 < seq <= ?2.
+/// Finished runs whose last event is in the range of the log being
+/// removed: ?1 < seq <= ?2. Finished means COMPLETED, CANCELLED or
+/// deleted. A FAILED or CRASHED run is one a client may yet retry (forcing
+/// it back to RUNNING), so it keeps its history and transition results,
+/// and a repeated transition_id is answered from them.
 pub(crate) const CLOSED_RUNS_IN_RANGE: &str = "INSERT OR IGNORE INTO temp.closed_runs (id) \
      SELECT id FROM executions WHERE id IN \
          (SELECT execution_id FROM events WHERE seq > ?1 AND seq <= ?2) \
-       AND last_seq <= ?2 AND (state_type IN (4, 5, 6, 7) OR deleted_at IS NOT NULL) \
+       AND last_seq <= ?2 AND (state_type IN (4, 6) OR deleted_at IS NOT NULL) \
      UNION ALL \
      SELECT id FROM task_runs WHERE id IN \
          (SELECT task_run_id FROM events WHERE seq > ?1 AND seq <= ?2) \
-       AND last_seq <= ?2 AND (state_type IN (4, 5, 6, 7) OR deleted_at IS NOT NULL)";
+       AND last_seq <= ?2 AND (state_type IN (4, 6) OR deleted_at IS NOT NULL)";
 /// The history rows of closed runs, but for each run's current state.
 pub(crate) const PRUNE_CLOSED_STATES: &str = "DELETE FROM states \
      WHERE run_id IN (SELECT id FROM temp.closed_runs) \
@@ -54,15 +66,25 @@ pub(crate) const PRUNE_CLOSED_TRANSITIONS: &str =
 mod tests {
     use crate::domain::StateType;
 
-    /// The retention queries name the terminal state types by code.
+    /// The upstream queries name COMPLETED and the unfinished types by code.
     #[test]
-    fn terminal_codes_are_those_retention_names() {
-        let terminal: Vec<i64> = StateType::ALL
+    fn upstream_queries_name_completed_and_the_unfinished_codes() {
+        let unfinished: Vec<i64> = StateType::ALL
             .iter()
-            .filter(|t| t.is_terminal())
+            .filter(|t| !t.is_terminal())
             .map(|t| t.code())
             .collect();
-        assert_eq!(terminal, [4, 5, 6, 7]);
-        assert!(super::CLOSED_RUNS_IN_RANGE.contains("state_type IN (4, 5, 6, 7)"));
+        assert_eq!(unfinished, [1, 2, 3, 8, 9]);
+        assert!(super::RUNS_OF_KEY_EXIST.contains("state_type IN (1, 2, 3, 8, 9)"));
+        assert_eq!(StateType::Completed.code(), 4);
+        assert!(super::LATEST_COMPLETED_OF_KEY.contains("state_type = 4 "));
+    }
+
+    /// The retention queries name COMPLETED and CANCELLED by code.
+    #[test]
+    fn final_codes_are_those_retention_names() {
+        let codes = [StateType::Completed.code(), StateType::Cancelled.code()];
+        assert_eq!(codes, [4, 6]);
+        assert!(super::CLOSED_RUNS_IN_RANGE.contains("state_type IN (4, 6)"));
     }
 }

@@ -355,19 +355,45 @@ impl<'c> WriteTx<'c> {
         docs.iter().map(|d| rows::decode_doc(d)).collect()
     }
 
-    /// The runs of one task key in an execution, newest first.
-    pub async fn task_runs_by_key(
+    /// The latest COMPLETED run of `task_key` in the execution other than
+    /// `except`: its id and its output as JSON text (None when it has
+    /// none). Only that output is read, whatever the key's other runs hold.
+    pub async fn latest_completed_output(
         &mut self,
         execution_id: ExecutionId,
         task_key: &str,
-    ) -> Result<Vec<TaskRun>> {
+        except: TaskRunId,
+    ) -> Result<Option<(TaskRunId, Option<String>)>> {
         self.flush().await?;
-        let docs: Vec<String> = sqlx::query_scalar(sql::TASK_RUNS_BY_KEY)
+        let row: Option<(String, Option<String>)> = sqlx::query_as(sql::LATEST_COMPLETED_OF_KEY)
             .bind(execution_id.to_string())
             .bind(task_key)
-            .fetch_all(&mut *self.conn)
+            .bind(except.to_string())
+            .fetch_optional(&mut *self.conn)
             .await?;
-        docs.iter().map(|d| rows::decode_doc(d)).collect()
+        row.map(|(id, output)| {
+            let id = TaskRunId::parse(&id)
+                .map_err(|e| Error::Internal(format!("a stored task run id: {e}")))?;
+            Ok((id, output))
+        })
+        .transpose()
+    }
+
+    /// Whether `task_key` has runs in the execution other than `except`,
+    /// and whether one of those has not ended.
+    pub async fn runs_of_key_exist(
+        &mut self,
+        execution_id: ExecutionId,
+        task_key: &str,
+        except: TaskRunId,
+    ) -> Result<(bool, bool)> {
+        self.flush().await?;
+        Ok(sqlx::query_as(sql::RUNS_OF_KEY_EXIST)
+            .bind(execution_id.to_string())
+            .bind(task_key)
+            .bind(except.to_string())
+            .fetch_one(&mut *self.conn)
+            .await?)
     }
 
     /// The tenant's cached result for `key`: output and expiration.

@@ -19,7 +19,7 @@ pub struct Pruned {
 impl WriteTx<'_> {
     /// Applies retention: removes up to `limit` of the events that occurred
     /// before `cutoff` (the oldest first) and raises the compaction mark;
-    /// a finished run (terminal or deleted) whose last event goes loses its
+    /// a finished run (COMPLETED, CANCELLED or deleted) whose last event goes loses its
     /// older history rows and its recorded transition results, keeping its
     /// current state; cache entries expired by `now` go too.
     pub(crate) async fn prune(
@@ -120,12 +120,13 @@ mod tests {
             .await
             .unwrap();
         // Retention has passed sequence 10. `done` (COMPLETED) and
-        // `gone` (deleted while RUNNING) are finished; `busy` runs; `late`
-        // finished after the mark.
+        // `gone` (deleted while RUNNING) are finished; `busy` runs;
+        // `failed` may be retried; `late` finished after the mark.
         let runs = [
             ("done", 4, None, 5),
             ("gone", 3, Some(1), 6),
             ("busy", 3, None, 7),
+            ("failed", 5, None, 8),
             ("late", 4, None, 12),
         ];
         for (id, state_type, deleted_at, last_seq) in runs {
@@ -173,7 +174,8 @@ mod tests {
         assert_eq!(
             states,
             [
-                "done-2", "gone-2", "busy-0", "busy-1", "busy-2", "late-0", "late-1", "late-2"
+                "done-2", "gone-2", "busy-0", "busy-1", "busy-2", "failed-0", "failed-1",
+                "failed-2", "late-0", "late-1", "late-2"
             ]
         );
         let transitions: Vec<String> =
@@ -181,6 +183,6 @@ mod tests {
                 .fetch_all(&mut conn)
                 .await
                 .unwrap();
-        assert_eq!(transitions, ["busy", "late"]);
+        assert_eq!(transitions, ["busy", "failed", "late"]);
     }
 }
