@@ -9,6 +9,7 @@ mod access;
 mod history;
 mod idempotency;
 mod ledger;
+mod lists;
 mod orchestration;
 mod readme;
 mod run_streams;

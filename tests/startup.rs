@@ -60,6 +60,24 @@ fn refused(out: &Output, db: &Path, cause: &str) -> String {
 }
 
 #[tokio::test]
+async fn a_second_server_on_a_database_in_use_through_a_link_exits_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let first = Process::start(&db);
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&db, &link).unwrap();
+
+    let second = tokio::task::spawn_blocking({
+        let link = link.clone();
+        move || serve_to_exit(&link, |_| {})
+    })
+    .await
+    .unwrap();
+    refused(&second, &link, "another runledger server is using it");
+    first.kill();
+}
+
+#[tokio::test]
 async fn a_second_server_on_a_database_in_use_exits_naming_it_and_keys_still_work() {
     let dir = tempfile::tempdir().unwrap();
     let db = db_path(dir.path());

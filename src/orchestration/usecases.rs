@@ -258,17 +258,9 @@ impl Ledger {
         filter: &ExecutionFilter,
         page: &Page,
     ) -> Result<(Vec<Execution>, Option<Cursor>)> {
-        let (items, next) = self
-            .store
+        self.store
             .list_executions(&caller.tenant_id, filter, page)
-            .await?;
-        Ok(fit_page(items, next, |e| {
-            (
-                document::execution_bytes(e),
-                e.run.created_at,
-                e.id.to_string(),
-            )
-        }))
+            .await
     }
 
     pub async fn list_task_runs(
@@ -277,17 +269,9 @@ impl Ledger {
         filter: &TaskRunFilter,
         page: &Page,
     ) -> Result<(Vec<TaskRun>, Option<Cursor>)> {
-        let (items, next) = self
-            .store
+        self.store
             .list_task_runs(&caller.tenant_id, filter, page)
-            .await?;
-        Ok(fit_page(items, next, |t| {
-            (
-                document::task_run_bytes(t),
-                t.run.created_at,
-                t.id.to_string(),
-            )
-        }))
+            .await
     }
 
     /// A page of the state history of an execution or a task run, oldest
@@ -315,36 +299,6 @@ impl Ledger {
             .states(&caller.tenant_id, &id.to_string(), page)
             .await
     }
-}
-
-/// The leading runs of a page that fit in one response, and where the next
-/// page starts: after the last run kept when some were left out. At least
-/// one run is kept; each fits alone.
-fn fit_page<T>(
-    mut items: Vec<T>,
-    next: Option<Cursor>,
-    measure: impl Fn(&T) -> (usize, Timestamp, String),
-) -> (Vec<T>, Option<Cursor>) {
-    let mut total = 0;
-    let keep = items
-        .iter()
-        .position(|item| {
-            total += measure(item).0;
-            total > document::MAX_PAGE_BYTES
-        })
-        .map_or(items.len(), |n| n.max(1));
-    if keep == items.len() {
-        return (items, next);
-    }
-    items.truncate(keep);
-    let next = items.last().map(|last| {
-        let (_, created_at, id) = measure(last);
-        Cursor {
-            created_at: created_at.as_micros(),
-            id,
-        }
-    });
-    (items, next)
 }
 
 pub(crate) fn execution_not_found(id: ExecutionId) -> Error {

@@ -24,12 +24,15 @@ pub use tx::{Pruned, WriteTx};
 pub(crate) use writer::TxFuture;
 pub use writer::{WriterStats, WriterStopped, WriterTask};
 
+/// The most rows a read connection fetches ahead of its reader.
+const READ_ROW_BUFFER: usize = 4;
+
 /// The most events one retention transaction removes.
 const PRUNE_EVENTS_PER_TRANSACTION: i64 = 20_000;
 
 use crate::{
     Error, Result,
-    domain::{Execution, ExecutionId, State, StateType, TaskRun, TaskRunId, Timestamp},
+    domain::{Execution, ExecutionId, State, StateType, TaskRun, TaskRunId, Timestamp, document},
     stream::{Feed, LoggedEvent},
 };
 
@@ -219,7 +222,15 @@ impl Store {
         let read = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
-            .connect_with(options.clone().read_only(true))
+            // Rows reach a reader a few at a time, so that a read that
+            // stops early (a page full to its byte limit) never had many
+            // large rows queued for it.
+            .connect_with(
+                options
+                    .clone()
+                    .read_only(true)
+                    .row_buffer_size(READ_ROW_BUFFER),
+            )
             .await
             .map_err(failed)?;
 
@@ -296,56 +307,54 @@ impl Store {
             .transpose()
     }
 
-    /// Newest first.
+    /// Newest first: a page that fits in one response (see [`fit_rows`]).
     pub async fn list_executions(
         &self,
         tenant: &str,
         filter: &ExecutionFilter,
         page: &Page,
     ) -> Result<(Vec<Execution>, Option<Cursor>)> {
+        use futures::TryStreamExt;
+
         let mut q = list_executions_query(tenant, filter, page);
-        let rows: Vec<(String, i64, String)> = q.build_query_as().fetch_all(&self.read).await?;
-        page.split(rows)
+        let rows = q.build_query_as().fetch(&self.read).map_ok(list_row);
+        fit_rows(rows, page.size, document::execution_bytes).await
     }
 
-    /// Newest first.
+    /// Newest first: a page that fits in one response (see [`fit_rows`]).
     pub async fn list_task_runs(
         &self,
         tenant: &str,
         filter: &TaskRunFilter,
         page: &Page,
     ) -> Result<(Vec<TaskRun>, Option<Cursor>)> {
+        use futures::TryStreamExt;
+
         let mut q = list_task_runs_query(tenant, filter, page);
-        let rows: Vec<(String, i64, String)> = q.build_query_as().fetch_all(&self.read).await?;
-        page.split(rows)
+        let rows = q.build_query_as().fetch(&self.read).map_ok(list_row);
+        fit_rows(rows, page.size, document::task_run_bytes).await
     }
 
-    /// A page of a run's state history, oldest first, and the token of the
-    /// next page if there is one.
+    /// A page of a run's state history, oldest first, that fits in one
+    /// response (see [`fit_rows`]), and the token of the next page if there
+    /// is one.
     pub async fn states(
         &self,
         tenant: &str,
         run_id: &str,
         page: &HistoryPage,
     ) -> Result<(Vec<State>, Option<String>)> {
-        let mut rows: Vec<(i64, String)> = sqlx::query_as(sql::STATES_OF_RUN)
+        use futures::TryStreamExt;
+
+        let rows = sqlx::query_as::<_, (i64, String)>(sql::STATES_OF_RUN)
             .bind(tenant)
             .bind(run_id)
             .bind(page.after.unwrap_or(0))
             .bind(page.size as i64 + 1)
-            .fetch_all(&self.read)
-            .await?;
-        let more = rows.len() > page.size as usize;
-        rows.truncate(page.size as usize);
-        let next = match (more, rows.last()) {
-            (true, Some((row, _))) => Some(HistoryPage::token(*row)),
-            _ => None,
-        };
-        let states = rows
-            .iter()
-            .map(|(_, d)| rows::decode_doc(d))
-            .collect::<Result<_>>()?;
-        Ok((states, next))
+            .fetch(&self.read)
+            .map_ok(|(row, doc)| (doc, row));
+        let (states, last) = fit_rows(rows, page.size, document::state_bytes).await?;
+        Ok((states, last.map(HistoryPage::token)))
     }
 
     /// Events of `scope` with sequence above `after`, in order: up to
@@ -536,6 +545,51 @@ impl Store {
     pub fn stop_writes(&self) {
         self.stop_writes.cancel();
     }
+}
+
+/// Reads a list's rows (a document and where a page after it starts), in
+/// order, keeping them while they fit in one response: at most `size` of
+/// them, whose wire size (by `measure`) stays within
+/// [`document::MAX_PAGE_BYTES`]; the first row is always kept, as each fits
+/// alone. Rows are decoded one at a time and the read stops at the first
+/// row left out, so a page holds only what it returns, that row, and the
+/// few rows the connection reads ahead ([`READ_ROW_BUFFER`]). The second
+/// value is where the next page starts, the last row kept, when rows were
+/// left out.
+async fn fit_rows<T, K>(
+    rows: impl futures::Stream<Item = sqlx::Result<(String, K)>>,
+    size: u32,
+    measure: impl Fn(&T) -> usize,
+) -> Result<(Vec<T>, Option<K>)>
+where
+    T: serde::de::DeserializeOwned,
+{
+    use futures::TryStreamExt;
+
+    let mut rows = std::pin::pin!(rows);
+    let mut items = Vec::new();
+    let mut bytes = 0;
+    let mut last = None;
+    while let Some((doc, key)) = rows.try_next().await? {
+        if items.len() >= size as usize {
+            return Ok((items, last));
+        }
+        let item = rows::decode_doc(&doc)?;
+        drop(doc);
+        let item_bytes = measure(&item);
+        if !items.is_empty() && bytes + item_bytes > document::MAX_PAGE_BYTES {
+            return Ok((items, last));
+        }
+        bytes += item_bytes;
+        items.push(item);
+        last = Some(key);
+    }
+    Ok((items, None))
+}
+
+/// A list row as [`fit_rows`] reads it.
+fn list_row((doc, created_at, id): (String, i64, String)) -> (String, Cursor) {
+    (doc, Cursor { created_at, id })
 }
 
 /// Up to a page of an execution's task runs whose latest event is in

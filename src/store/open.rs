@@ -152,7 +152,9 @@ fn cause_of(path: &Path, e: io::Error) -> OpenCause {
 }
 
 /// The lock a server holds on its database: an exclusive advisory lock on
-/// a file beside it, `<database>.lock`, released when the process ends
+/// a file beside it, `<database>.lock` (beside the file itself, whatever
+/// symbolic links lead to it, so that every path to one database takes the
+/// same lock), released when the process ends
 /// however it ends. Only servers take it: `runledger keys` and other
 /// SQLite clients share the database through SQLite's own locking.
 #[derive(Debug)]
@@ -162,7 +164,7 @@ pub(super) struct DatabaseLock {
 
 impl DatabaseLock {
     pub(super) fn take(database: &Path) -> Result<Self, OpenError> {
-        let mut name = database.as_os_str().to_owned();
+        let mut name = real_path(database).into_os_string();
         name.push(".lock");
         let lock_path = PathBuf::from(name);
         let file = OpenOptions::new()
@@ -182,6 +184,27 @@ impl DatabaseLock {
     }
 }
 
+/// Where `database` really is: symbolic links followed (also a link to a
+/// file SQLite has yet to create) and the folder made absolute. A path
+/// whose folder is missing stays as it is; opening it names the folder.
+fn real_path(database: &Path) -> PathBuf {
+    let mut path = database.to_owned();
+    // As many links as the operating system follows.
+    for _ in 0..40 {
+        if let Ok(real) = std::fs::canonicalize(&path) {
+            return real;
+        }
+        match std::fs::read_link(&path) {
+            Ok(target) => path = folder_of(&path).join(target),
+            Err(_) => break,
+        }
+    }
+    match (path.file_name(), std::fs::canonicalize(folder_of(&path))) {
+        (Some(name), Ok(folder)) => folder.join(name),
+        _ => path,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +219,35 @@ mod tests {
         assert!(refused.to_string().contains(&db.display().to_string()));
         drop(first);
         DatabaseLock::take(&db).expect("free again");
+    }
+
+    #[test]
+    fn a_database_reached_through_a_link_takes_the_same_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&db, &link).unwrap();
+        // Before SQLite has made the file, and after.
+        for exists in [false, true] {
+            if exists {
+                std::fs::write(&db, b"").unwrap();
+            }
+            let first = DatabaseLock::take(&link).unwrap();
+            let refused = DatabaseLock::take(&db).unwrap_err();
+            assert!(matches!(refused.cause, OpenCause::InUse(_)), "{refused}");
+            drop(first);
+            let first = DatabaseLock::take(&db).unwrap();
+            let refused = DatabaseLock::take(&link).unwrap_err();
+            assert!(matches!(refused.cause, OpenCause::InUse(_)), "{refused}");
+            assert!(refused.to_string().contains(&link.display().to_string()));
+            drop(first);
+        }
+        // A linked folder leads to the same file too.
+        let folder_link = dir.path().join("folder");
+        std::os::unix::fs::symlink(dir.path(), &folder_link).unwrap();
+        let _first = DatabaseLock::take(&db).unwrap();
+        let refused = DatabaseLock::take(&folder_link.join("x.db")).unwrap_err();
+        assert!(matches!(refused.cause, OpenCause::InUse(_)), "{refused}");
     }
 
     #[test]

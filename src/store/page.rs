@@ -3,11 +3,8 @@
 //! inserted.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use serde::de::DeserializeOwned;
 
 use crate::Result;
-
-use super::rows;
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -70,28 +67,6 @@ impl Page {
             Some(Cursor::from_token(token).map_err(|e| ("page_token", e))?)
         };
         Ok(Page { size, after })
-    }
-
-    /// Decodes up to `size` rows (the query asks for one more, to know
-    /// whether another page follows).
-    pub(crate) fn split<T: DeserializeOwned>(
-        &self,
-        mut rows: Vec<(String, i64, String)>,
-    ) -> Result<(Vec<T>, Option<Cursor>)> {
-        let more = rows.len() > self.size as usize;
-        rows.truncate(self.size as usize);
-        let next = match (more, rows.last()) {
-            (true, Some((_, created_at, id))) => Some(Cursor {
-                created_at: *created_at,
-                id: id.clone(),
-            }),
-            _ => None,
-        };
-        let items = rows
-            .iter()
-            .map(|(doc, _, _)| rows::decode_doc(doc))
-            .collect::<Result<_>>()?;
-        Ok((items, next))
     }
 }
 
