@@ -10,6 +10,7 @@ mod history;
 mod idempotency;
 mod ledger;
 mod orchestration;
+mod quiet_streams;
 mod run_streams;
 mod serving;
 mod stalled_streams;
