@@ -473,7 +473,9 @@ async fn a_cursor_beyond_the_log_head_is_out_of_range_and_names_the_head() {
         let status = r.expect_err("a cursor beyond the head is refused");
         assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
         assert!(
-            status.message().contains(&format!("latest sequence {head}")),
+            status
+                .message()
+                .contains(&format!("latest sequence {head}")),
             "{}",
             status.message()
         );
