@@ -140,6 +140,11 @@ impl App {
         self.store.writer_stats()
     }
 
+    /// Counts of the event log's reads, readable while the app runs.
+    pub fn read_stats(&self) -> std::sync::Arc<crate::store::ReadStats> {
+        self.store.read_stats()
+    }
+
     /// Cancelling this token shuts the service down.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()

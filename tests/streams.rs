@@ -429,6 +429,75 @@ async fn a_cursor_past_retention_is_out_of_range_and_names_the_oldest_sequence()
 }
 
 #[tokio::test]
+async fn a_cursor_beyond_the_log_head_is_out_of_range_and_names_the_head() {
+    let app = spawn_app().await;
+    let exec = create_execution(&app).await;
+    let run = create_task_run(&app, &exec.id, "job").await;
+    // The log's head: the sequence of the execution's latest event.
+    let mut s = stream_execution(&app, &exec.id, true, 0).await;
+    let head = take(&mut s, 2, ev_exec)
+        .await
+        .iter()
+        .map(|e| e.sequence)
+        .max()
+        .unwrap();
+    drop(s);
+
+    let beyond = head + 1000;
+    let refused = [
+        app.events
+            .clone()
+            .subscribe(pb::SubscribeRequest {
+                after_sequence: beyond,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        app.executions
+            .clone()
+            .stream_execution_status(pb::StreamExecutionStatusRequest {
+                id: exec.id.clone(),
+                include_task_runs: true,
+                after_sequence: beyond,
+            })
+            .await
+            .map(drop),
+        app.task_runs
+            .clone()
+            .stream_task_run_status(pb::StreamTaskRunStatusRequest {
+                id: run.id.clone(),
+                after_sequence: beyond,
+            })
+            .await
+            .map(drop),
+    ];
+    for r in refused {
+        let status = r.expect_err("a cursor beyond the head is refused");
+        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains(&format!("latest sequence {head}")),
+            "{}",
+            status.message()
+        );
+    }
+
+    // At the head itself the stream opens and delivers what comes next.
+    let mut s = subscribe(
+        &app,
+        pb::SubscribeRequest {
+            after_sequence: head,
+            ..Default::default()
+        },
+    )
+    .await;
+    set_execution_state(&app, &exec.id, Running).await;
+    let next = take(&mut s, 1, ev_sub).await.remove(0);
+    assert_eq!((next.sequence, exec_state(&next)), (head + 1, Running));
+}
+
+#[tokio::test]
 async fn subscribe_filters_by_task_kind_state_and_metadata() {
     let app = spawn_app().await;
     let mut by_task = subscribe(

@@ -148,16 +148,6 @@ async fn one_tenant_never_sees_another_tenants_runs_or_events() {
         .await
         .unwrap()
         .into_inner();
-    let mut b_log = b
-        .events
-        .subscribe(pb::SubscribeRequest {
-            include_task_runs: true,
-            after_sequence: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
 
     let request = pb::CreateExecutionRequest {
         goal: "g".into(),
@@ -173,6 +163,17 @@ async fn one_tenant_never_sees_another_tenants_runs_or_events() {
         .execution
         .unwrap();
     assert_eq!(ea.updated_by, "acme-worker");
+    // And from the log, after A's first event.
+    let mut b_log = b
+        .events
+        .subscribe(pb::SubscribeRequest {
+            include_task_runs: true,
+            after_sequence: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     a.executions
         .set_execution_state(pb::SetExecutionStateRequest {
             id: ea.id.clone(),

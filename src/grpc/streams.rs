@@ -84,13 +84,21 @@ impl Streams {
         })
     }
 
-    /// Refuses a cursor retention has passed.
+    /// Refuses a cursor retention has passed, and one beyond the log's
+    /// head: no event has that sequence yet, and following from there
+    /// would pass over every event up to it.
     async fn check_cursor(&self, after: i64) -> Result<()> {
         let compacted = self.ledger.store().compacted_seq().await?;
         if after < compacted {
             return Err(Error::OutOfRange(format!(
                 "after_sequence {after} is older than the event log's retention; the oldest sequence still held is {}",
                 compacted + 1
+            )));
+        }
+        let head = self.ledger.store().head().await?;
+        if after > head {
+            return Err(Error::OutOfRange(format!(
+                "after_sequence {after} is beyond the event log's latest sequence {head}"
             )));
         }
         Ok(())

@@ -168,6 +168,31 @@ pub struct Store {
     writes: mpsc::Sender<writer::BoxedOp>,
     stop_writes: tokio_util::sync::CancellationToken,
     stats: std::sync::Arc<WriterStats>,
+    reads: std::sync::Arc<ReadStats>,
+}
+
+/// Counts of reads of the event log, readable while the service runs.
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    log_reads: std::sync::atomic::AtomicU64,
+}
+
+impl ReadStats {
+    /// Pages of events read from the log.
+    pub fn log_reads(&self) -> u64 {
+        self.log_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A page of the event log read for one scope.
+#[derive(Debug)]
+pub struct LogPage {
+    pub events: Vec<LoggedEvent>,
+    /// The read stopped at a bound: more may follow.
+    pub full: bool,
+    /// The log's head as the read saw it: when the page is not full,
+    /// the scope has no event after the page's up to this sequence.
+    pub head: i64,
 }
 
 impl Store {
@@ -257,6 +282,7 @@ impl Store {
                 writes: tx,
                 stop_writes,
                 stats,
+                reads: std::sync::Arc::default(),
             },
             writer,
         ))
@@ -265,6 +291,11 @@ impl Store {
     /// Counts of the writer's work.
     pub fn writer_stats(&self) -> std::sync::Arc<WriterStats> {
         std::sync::Arc::clone(&self.stats)
+    }
+
+    /// Counts of reads of the event log.
+    pub fn read_stats(&self) -> std::sync::Arc<ReadStats> {
+        std::sync::Arc::clone(&self.reads)
     }
 
     /// Runs `f` in the writer's next transaction and answers once it has
@@ -359,39 +390,50 @@ impl Store {
 
     /// Events of `scope` with sequence above `after`, in order: up to
     /// `limit` of them, stopping once they hold `max_bytes` (at least one
-    /// event). The flag says whether the read stopped at a bound, so that
-    /// more may follow.
+    /// event), with the log's head read in the same transaction.
     pub async fn events_after(
         &self,
         scope: &LogScope,
         after: i64,
         limit: i64,
         max_bytes: usize,
-    ) -> Result<(Vec<LoggedEvent>, bool)> {
+    ) -> Result<LogPage> {
         use futures::TryStreamExt;
 
+        self.reads
+            .log_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (sql, tenant, id) = match scope {
             LogScope::Tenant(t) => (sql::EVENTS_OF_TENANT, t, None),
             LogScope::Execution(t, id) => (sql::EVENTS_OF_EXECUTION, t, Some(id)),
             LogScope::ExecutionOnly(t, id) => (sql::EVENTS_OF_EXECUTION_ONLY, t, Some(id)),
             LogScope::TaskRun(t, id) => (sql::EVENTS_OF_TASK_RUN, t, Some(id)),
         };
+        // One read transaction: the events read are those committed up to
+        // the head it sees.
+        let mut tx = self.read.begin().await?;
+        let head: i64 = sqlx::query_scalar(HEAD_SQL).fetch_one(&mut *tx).await?;
         let mut q = sqlx::query_as::<_, EventRow>(sql).bind(tenant);
         if let Some(id) = id {
             q = q.bind(id);
         }
-        let mut rows = q.bind(after).bind(limit).fetch(&self.read);
         let mut events = Vec::new();
-        let mut bytes = 0;
-        while let Some(row) = rows.try_next().await? {
-            bytes += row.payload.len();
-            events.push(row.into_logged());
-            if bytes >= max_bytes {
-                return Ok((events, true));
+        let mut full = false;
+        {
+            let mut rows = q.bind(after).bind(limit).fetch(&mut *tx);
+            let mut bytes = 0;
+            while let Some(row) = rows.try_next().await? {
+                bytes += row.payload.len();
+                events.push(row.into_logged());
+                if bytes >= max_bytes {
+                    full = true;
+                    break;
+                }
             }
         }
-        let full = events.len() as i64 == limit;
-        Ok((events, full))
+        tx.commit().await?;
+        let full = full || events.len() as i64 == limit;
+        Ok(LogPage { events, full, head })
     }
 
     /// The latest sequence the log has given out.

@@ -233,17 +233,19 @@ impl Subscription {
     }
 
     async fn read_log_page(&mut self) -> Result<()> {
-        let (page, full) = self
+        let page = self
             .store
             .events_after(&self.scope, self.last, LOG_PAGE, LOG_PAGE_BYTES)
             .await?;
         // Checked after the read: if retention removed anything past our
         // position, the page may have a hole.
         self.check_retention().await?;
-        for e in page {
+        let mut passed_all = true;
+        for e in page.events {
             if let End::After(seq) = self.end
                 && e.seq > seq
             {
+                passed_all = false;
                 break;
             }
             if let Some(message) = self.take(&e) {
@@ -251,10 +253,18 @@ impl Subscription {
             }
             if matches!(self.end, End::Terminal(_)) {
                 // What follows depends on the run's delete.
+                passed_all = false;
                 break;
             }
         }
-        self.read_log = full || matches!(self.end, End::After(seq) if self.last < seq);
+        if passed_all && !page.full {
+            // The scope has nothing more up to the head the read saw:
+            // move there, past what other scopes wrote, so the feed is
+            // followed from the present and not from the last event of
+            // a quiet scope it no longer holds.
+            self.last = self.last.max(page.head);
+        }
+        self.read_log = page.full || matches!(self.end, End::After(seq) if self.last < seq);
         Ok(())
     }
 
@@ -266,10 +276,11 @@ impl Subscription {
         };
         let mut after = seq;
         loop {
-            let (page, full) = self
+            let page = self
                 .store
                 .events_after(&run, after, LOG_PAGE, LOG_PAGE_BYTES)
                 .await?;
+            let (page, full) = (page.events, page.full);
             // No retention check: a delete old enough to be pruned is not
             // looked for; the stream ends where it is.
             match last_word(&page) {
