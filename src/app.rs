@@ -68,6 +68,7 @@ pub struct App {
     shutdown: CancellationToken,
     config: Config,
     tls: Option<ServerTlsConfig>,
+    budget: grpc::send_budget::SendBudgetLayer,
 }
 
 impl App {
@@ -112,7 +113,9 @@ impl App {
                 "no API keys: serving without authentication until a key is created"
             );
         }
+        let budget = grpc::send_budget::SendBudgetLayer::new(config.stalled_stream_timeout);
         Ok(App {
+            budget,
             listener,
             addr,
             store,
@@ -133,6 +136,12 @@ impl App {
     #[doc(hidden)]
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The response bytes handed to HTTP/2 and not yet written to the
+    /// clients' connections, over all streams.
+    pub fn send_budget(&self) -> grpc::send_budget::SendBudgetLayer {
+        self.budget.clone()
     }
 
     /// Counts of the store writer's work, readable while the app runs.
@@ -164,6 +173,7 @@ impl App {
             shutdown,
             config,
             tls,
+            budget,
         } = self;
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -213,7 +223,7 @@ impl App {
             .with_keepalive(Some(config.tcp_keepalive));
         let mut builder = Server::builder()
             // What clients that do not read cost stays bounded.
-            .layer(grpc::send_budget::SendBudgetLayer::new())
+            .layer(budget.clone())
             .http2_keepalive_interval(Some(config.keepalive_interval))
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .max_concurrent_streams(config.max_streams_per_connection);

@@ -229,6 +229,12 @@ pub struct Config {
     #[arg(long, env = "RUNLEDGER_LIVE_BUFFER_BYTES", default_value_t = crate::stream::LIVE_BUFFER_BYTES as u64, value_parser = clap::value_parser!(u64).range(65_536..=4_294_967_296))]
     pub live_buffer_bytes: u64,
 
+    /// How long a stream may hold response bytes its client does not read
+    /// while the server holds more than its send budget for all streams;
+    /// then it is reset and its client resumes from its last sequence.
+    #[arg(long, env = "RUNLEDGER_STALLED_STREAM_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub stalled_stream_timeout: Duration,
+
     /// How long shutdown waits for open calls before closing them.
     #[arg(long, env = "RUNLEDGER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "5s")]
     pub shutdown_grace: Duration,

@@ -453,3 +453,167 @@ async fn a_client_that_stops_reading_does_not_hold_shutdown_up() {
     }
     server.kill();
 }
+
+/// Reads a stalled subscription to its end or its reset, then resumes
+/// after the last sequence it read until it holds `upto`.
+async fn read_resuming(
+    addr: SocketAddr,
+    mut s: tonic::Streaming<pb::SubscribeResponse>,
+    upto: i64,
+) -> (Vec<i64>, bool) {
+    let mut seen = Vec::new();
+    let mut reset = false;
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(20), s.message()).await {
+            Ok(Ok(Some(m))) => {
+                seen.push(ev_sub(m).sequence);
+                if seen.last() == Some(&upto) {
+                    return (seen, reset);
+                }
+            }
+            Ok(Ok(None)) => panic!("a subscription does not end by itself"),
+            Ok(Err(_)) => {
+                reset = true;
+                let after = seen.last().copied().unwrap_or(0);
+                s = EventServiceClient::new(connect(addr).await)
+                    .subscribe(pb::SubscribeRequest {
+                        include_task_runs: true,
+                        after_sequence: after,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("resumed")
+                    .into_inner();
+            }
+            Err(_) => panic!("no event for 20 s after {:?}", seen.last()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_streams_of_large_events_are_reset_once_over_the_send_budget() {
+    const CONNECTIONS: usize = 2;
+    const STREAMS_PER_CONNECTION: usize = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = runledger::Config::new(
+        "127.0.0.1:0".parse().unwrap(),
+        db_path(dir.path()).display().to_string(),
+    )
+    .unwrap();
+    config.stalled_stream_timeout = std::time::Duration::from_secs(1);
+    let app = runledger::App::build(config).await.unwrap();
+    let addr = app.local_addr();
+    let budget = app.send_budget();
+    let shutdown = app.shutdown_token();
+    let server = tokio::spawn(app.run_until_stopped());
+    let proxy = Proxy::start(addr).await;
+    let direct = connect(addr).await;
+
+    let mut stalled = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut events = EventServiceClient::new(wide_open_client(proxy.addr).await);
+        for _ in 0..STREAMS_PER_CONNECTION {
+            let s = events
+                .subscribe(pb::SubscribeRequest {
+                    include_task_runs: true,
+                    ..Default::default()
+                })
+                .await
+                .expect("subscribed through the proxy")
+                .into_inner();
+            stalled.push(s);
+        }
+    }
+    proxy.set_flowing(false);
+
+    // One event of about a megabyte, which every stalled stream takes.
+    let mut execs = ExecutionServiceClient::new(direct.clone());
+    let mut tasks = TaskRunServiceClient::new(direct.clone());
+    let exec = execs
+        .create_execution(goal("large outputs"))
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+    execs
+        .set_execution_state(pb::SetExecutionStateRequest {
+            id: exec.id.clone(),
+            state: state(pb::StateType::Running),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let t = tasks
+        .create_task_run(pb::CreateTaskRunRequest {
+            execution_id: exec.id.clone(),
+            task_key: "big".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_run
+        .unwrap()
+        .id;
+    let big = prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue("x".repeat(1_000_000))),
+    };
+    for (s, output) in [
+        (pb::StateType::Running, None),
+        (pb::StateType::Completed, Some(big)),
+    ] {
+        let done = tasks
+            .set_task_run_state(pb::SetTaskRunStateRequest {
+                id: t.clone(),
+                state: state(s),
+                output,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(done.status, pb::SetStateStatus::Accept as i32);
+    }
+    let last = 5;
+
+    // Each stalled stream took the large event: far over the budget.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut peak = 0;
+    while peak < 64 * 1024 * 1024 && std::time::Instant::now() < deadline {
+        peak = peak.max(budget.held_bytes());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(peak > 64 * 1024 * 1024, "held at most {peak} bytes");
+    // Then the stalled ones are reset and what HTTP/2 held is let go of.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while budget.held_bytes() > 32 * 1024 * 1024 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let held = budget.held_bytes();
+    assert!(
+        held <= 32 * 1024 * 1024,
+        "{held} bytes still held for stalled streams"
+    );
+    // A client that reads meanwhile is served as usual.
+    let fresh = TaskRunServiceClient::new(direct.clone())
+        .get_task_run(pb::GetTaskRunRequest { id: t.clone() })
+        .await;
+    assert!(fresh.is_ok(), "{fresh:?}");
+
+    // Once they read again, each stream resumes where it was: nothing lost.
+    proxy.set_flowing(true);
+    let mut readers = Vec::new();
+    for s in stalled {
+        readers.push(tokio::spawn(read_resuming(addr, s, last)));
+    }
+    let mut resets = 0;
+    for r in readers {
+        let (seen, reset) = r.await.unwrap();
+        assert_eq!(seen, (1..=last).collect::<Vec<_>>(), "every event once");
+        resets += reset as usize;
+    }
+    assert!(resets > 0, "some stalled streams were reset");
+    shutdown.cancel();
+    let _ = server.await;
+}

@@ -9,14 +9,23 @@
 //! count is exact. A stream whose client stops reading stops pulling
 //! events; its subscription falls behind the live feed and later catches
 //! up from the log, holding nothing meanwhile.
+//!
+//! Below its floor a stream may always hand over its next chunk, and one
+//! chunk is one whole message, so a stalled stream can still hold one
+//! large event (up to the 4 MiB a client accepts). While the total is over
+//! its budget, a stream that has held bytes without any of them being
+//! written for the stall timeout is reset: HTTP/2 drops what it buffered
+//! for it, and its client resumes from the last sequence it read.
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -34,14 +43,26 @@ pub(crate) const STREAM_FLOOR_BYTES: usize = 8 * 1024;
 pub(crate) const TOTAL_BYTES: usize = 32 * 1024 * 1024;
 
 /// The layer: wraps every response body of the service.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SendBudgetLayer {
     total: Arc<AtomicUsize>,
+    stall: Duration,
 }
 
 impl SendBudgetLayer {
-    pub fn new() -> Self {
-        Self::default()
+    /// `stall`: how long a stream may hold bytes that are not being
+    /// written while the total is over its budget, before it is reset.
+    pub fn new(stall: Duration) -> Self {
+        SendBudgetLayer {
+            total: Arc::default(),
+            stall,
+        }
+    }
+
+    /// The response bytes handed to HTTP/2 and not yet written, over all
+    /// streams.
+    pub fn held_bytes(&self) -> usize {
+        self.total.load(Ordering::Acquire)
     }
 }
 
@@ -52,6 +73,7 @@ impl<S> tower_layer::Layer<S> for SendBudgetLayer {
         SendBudget {
             inner,
             total: Arc::clone(&self.total),
+            stall: self.stall,
         }
     }
 }
@@ -60,6 +82,7 @@ impl<S> tower_layer::Layer<S> for SendBudgetLayer {
 pub struct SendBudget<S> {
     inner: S,
     total: Arc<AtomicUsize>,
+    stall: Duration,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for SendBudget<S>
@@ -79,6 +102,7 @@ where
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
         let total = Arc::clone(&self.total);
+        let stall = self.stall;
         let response = self.inner.call(req);
         Box::pin(async move {
             let response = response.await?;
@@ -88,8 +112,12 @@ where
                     gauge: Arc::new(Gauge {
                         held: AtomicUsize::new(0),
                         total,
+                        written: AtomicU64::new(0),
                         waker: AtomicWaker::new(),
                     }),
+                    stall,
+                    timer: None,
+                    written: 0,
                 })
             }))
         })
@@ -101,6 +129,8 @@ where
 struct Gauge {
     held: AtomicUsize,
     total: Arc<AtomicUsize>,
+    /// Chunks let go of so far: it moves while the client reads.
+    written: AtomicU64,
     /// The stream waiting for its bytes to drain.
     waker: AtomicWaker,
 }
@@ -120,7 +150,13 @@ impl Gauge {
     fn release(&self, n: usize) {
         self.held.fetch_sub(n, Ordering::AcqRel);
         self.total.fetch_sub(n, Ordering::AcqRel);
+        self.written.fetch_add(1, Ordering::AcqRel);
         self.waker.wake();
+    }
+
+    /// Whether all streams together hold more than their budget.
+    fn over_total(&self) -> bool {
+        self.total.load(Ordering::Acquire) > TOTAL_BYTES
     }
 }
 
@@ -142,37 +178,86 @@ impl Drop for Held {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A response body that waits for its budget before each chunk.
 struct Metered<B> {
     inner: Pin<Box<B>>,
     gauge: Arc<Gauge>,
+    stall: Duration,
+    /// While waiting: when to look again whether the stream is stalled.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The gauge's `written` when the timer was set.
+    written: u64,
+}
+
+impl<B> Metered<B> {
+    /// Waits for this stream's bytes to drain. Every stall timeout it
+    /// looks: a stream none of whose bytes were written meanwhile, while
+    /// the total is over its budget, ends with an error, and HTTP/2
+    /// resets it and drops what it holds.
+    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<BoxError> {
+        loop {
+            let written = self.gauge.written.load(Ordering::Acquire);
+            let timer = match &mut self.timer {
+                Some(timer) if written == self.written => timer,
+                _ => {
+                    self.written = written;
+                    self.timer.insert(Box::pin(tokio::time::sleep(self.stall)))
+                }
+            };
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.timer = None;
+            if self.gauge.written.load(Ordering::Acquire) == self.written && self.gauge.over_total()
+            {
+                return Poll::Ready(
+                    format!(
+                        "the client read none of this stream for {}",
+                        humantime::format_duration(self.stall)
+                    )
+                    .into(),
+                );
+            }
+        }
+    }
 }
 
 impl<B> Body for Metered<B>
 where
     B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if !self.gauge.may_send() {
             // Registered before checking again, so a release in between
-            // is not missed. Only this stream's own releases wake it: it
-            // holds at least the floor, so one is always to come.
+            // is not missed. Only this stream's own releases wake it (it
+            // holds at least the floor, so one is to come while its client
+            // reads), and its stall timer.
             self.gauge.waker.register(cx.waker());
             if !self.gauge.may_send() {
-                return Poll::Pending;
+                return match self.poll_stalled(cx) {
+                    Poll::Ready(e) => {
+                        tracing::info!(error = %e, "resetting a stalled stream");
+                        Poll::Ready(Some(Err(e)))
+                    }
+                    Poll::Pending => Poll::Pending,
+                };
             }
         }
+        self.timer = None;
         let polled = self.inner.as_mut().poll_frame(cx);
         let gauge = &self.gauge;
         polled.map(|frame| {
             frame.map(|frame| {
-                frame.map(|frame| {
+                frame.map_err(Into::into).map(|frame| {
                     frame.map_data(|bytes| {
                         gauge.take(bytes.len());
                         Bytes::from_owner(Held {
@@ -204,6 +289,7 @@ mod tests {
         let gauge = Arc::new(Gauge {
             held: AtomicUsize::new(0),
             total: Arc::clone(&total),
+            written: AtomicU64::new(0),
             waker: AtomicWaker::new(),
         });
         assert!(gauge.may_send());
