@@ -472,7 +472,8 @@ async fn read_resuming(
                 }
             }
             Ok(Ok(None)) => panic!("a subscription does not end by itself"),
-            Ok(Err(_)) => {
+            Ok(Err(status)) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
                 reset = true;
                 let after = seen.last().copied().unwrap_or(0);
                 s = EventServiceClient::new(connect(addr).await)

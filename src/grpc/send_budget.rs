@@ -42,6 +42,9 @@ pub(crate) const STREAM_FLOOR_BYTES: usize = 8 * 1024;
 /// beyond their floors.
 pub(crate) const TOTAL_BYTES: usize = 32 * 1024 * 1024;
 
+/// The shortest stall timeout.
+const MIN_STALL: Duration = Duration::from_secs(1);
+
 /// The layer: wraps every response body of the service.
 #[derive(Debug, Clone)]
 pub struct SendBudgetLayer {
@@ -55,7 +58,8 @@ impl SendBudgetLayer {
     pub fn new(stall: Duration) -> Self {
         SendBudgetLayer {
             total: Arc::default(),
-            stall,
+            // Each waiting stream looks again every `stall`: not too often.
+            stall: stall.max(MIN_STALL),
         }
     }
 
@@ -180,6 +184,16 @@ impl Drop for Held {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Why a stalled stream was reset; its source is the HTTP/2 reason the
+/// reset carries.
+#[derive(Debug, thiserror::Error)]
+#[error("the client read none of this stream for {}", humantime::format_duration(*.stall))]
+struct StalledStream {
+    stall: Duration,
+    #[source]
+    reason: h2::Error,
+}
+
 /// A response body that waits for its budget before each chunk.
 struct Metered<B> {
     inner: Pin<Box<B>>,
@@ -212,13 +226,12 @@ impl<B> Metered<B> {
             self.timer = None;
             if self.gauge.written.load(Ordering::Acquire) == self.written && self.gauge.over_total()
             {
-                return Poll::Ready(
-                    format!(
-                        "the client read none of this stream for {}",
-                        humantime::format_duration(self.stall)
-                    )
-                    .into(),
-                );
+                // Reset with REFUSED_STREAM: clients see UNAVAILABLE, as
+                // at shutdown, and resume from their last sequence.
+                return Poll::Ready(Box::new(StalledStream {
+                    stall: self.stall,
+                    reason: h2::Error::from(h2::Reason::REFUSED_STREAM),
+                }));
             }
         }
     }

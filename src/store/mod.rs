@@ -25,7 +25,7 @@ pub(crate) use writer::TxFuture;
 pub use writer::{WriterStats, WriterStopped, WriterTask};
 
 /// The most rows a read connection fetches ahead of its reader.
-const READ_ROW_BUFFER: usize = 4;
+const READ_ROW_BUFFER: usize = 16;
 
 /// The most events one retention transaction removes.
 const PRUNE_EVENTS_PER_TRANSACTION: i64 = 20_000;
