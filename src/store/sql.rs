@@ -44,9 +44,11 @@ pub(crate) const CREATE_CLOSED_RUNS: &str =
     "CREATE TEMP TABLE IF NOT EXISTS closed_runs (id TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID";
 /// Finished runs whose last event is in the range of the log being
 /// removed: ?1 < seq <= ?2. Finished means COMPLETED, CANCELLED or
-/// deleted. A FAILED or CRASHED run is one a client may yet retry (forcing
-/// it back to RUNNING), so it keeps its history and transition results,
-/// and a repeated transition_id is answered from them.
+/// deleted. Any terminal run can be forced back to RUNNING, but FAILED and
+/// CRASHED runs are the ones clients retry that way, so they keep their
+/// history and transition results and a repeated transition_id is
+/// answered from them; for the others, transition_id is recognised for as
+/// long as retention keeps their events.
 pub(crate) const CLOSED_RUNS_IN_RANGE: &str = "INSERT OR IGNORE INTO temp.closed_runs (id) \
      SELECT id FROM executions WHERE id IN \
          (SELECT execution_id FROM events WHERE seq > ?1 AND seq <= ?2) \
