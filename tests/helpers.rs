@@ -197,6 +197,31 @@ pub async fn set_execution_state(
         .into_inner()
 }
 
+/// Creates an execution and moves it to RUNNING, so task runs may start.
+pub async fn running_execution_via(
+    execs: &mut ExecutionServiceClient<Channel>,
+    goal_text: &str,
+) -> pb::Execution {
+    let exec = execs
+        .create_execution(goal(goal_text))
+        .await
+        .expect("created")
+        .into_inner()
+        .execution
+        .unwrap();
+    let running = execs
+        .set_execution_state(pb::SetExecutionStateRequest {
+            id: exec.id.clone(),
+            state: state(pb::StateType::Running),
+            ..Default::default()
+        })
+        .await
+        .expect("set state answered")
+        .into_inner();
+    assert_eq!(running.status, pb::SetStateStatus::Accept as i32);
+    running.execution.unwrap_or(exec)
+}
+
 pub async fn create_task_run(app: &TestApp, execution_id: &str, task_key: &str) -> pb::TaskRun {
     app.task_runs
         .clone()

@@ -127,21 +127,7 @@ async fn stalled_streams_cost_little_memory_and_lose_nothing() {
     // A few MB of events, every stalled stream wants every one.
     let mut execs = ExecutionServiceClient::new(direct.clone());
     let mut tasks = TaskRunServiceClient::new(direct.clone());
-    let exec = execs
-        .create_execution(goal("big outputs"))
-        .await
-        .unwrap()
-        .into_inner()
-        .execution
-        .unwrap();
-    execs
-        .set_execution_state(pb::SetExecutionStateRequest {
-            id: exec.id.clone(),
-            state: state(pb::StateType::Running),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let exec = running_execution_via(&mut execs, "big outputs").await;
     let output = prost_types::Value {
         kind: Some(prost_types::value::Kind::StringValue(
             "x".repeat(OUTPUT_BYTES),
@@ -530,21 +516,7 @@ async fn stalled_streams_of_large_events_are_reset_once_over_the_send_budget() {
     // One event of about a megabyte, which every stalled stream takes.
     let mut execs = ExecutionServiceClient::new(direct.clone());
     let mut tasks = TaskRunServiceClient::new(direct.clone());
-    let exec = execs
-        .create_execution(goal("large outputs"))
-        .await
-        .unwrap()
-        .into_inner()
-        .execution
-        .unwrap();
-    execs
-        .set_execution_state(pb::SetExecutionStateRequest {
-            id: exec.id.clone(),
-            state: state(pb::StateType::Running),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let exec = running_execution_via(&mut execs, "large outputs").await;
     let t = tasks
         .create_task_run(pb::CreateTaskRunRequest {
             execution_id: exec.id.clone(),

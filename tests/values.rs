@@ -628,21 +628,7 @@ async fn a_template_reads_one_run_of_a_key_however_many_it_has() {
     let channel = connect(server.addr).await;
     let mut execs = ExecutionServiceClient::new(channel.clone());
     let mut tasks = TaskRunServiceClient::new(channel);
-    let exec = execs
-        .create_execution(goal("many runs of one key"))
-        .await
-        .unwrap()
-        .into_inner()
-        .execution
-        .unwrap();
-    execs
-        .set_execution_state(pb::SetExecutionStateRequest {
-            id: exec.id.clone(),
-            state: state(pb::StateType::Running),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let exec = running_execution_via(&mut execs, "many runs of one key").await;
     let propose = |id: &str, t: pb::StateType, output: Option<serde_json::Value>| {
         pb::SetTaskRunStateRequest {
             id: id.into(),
