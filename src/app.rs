@@ -50,6 +50,8 @@ pub enum StartError {
     Unauthenticated(Listen),
     #[error("building reflection: {0}")]
     Reflection(String),
+    #[error("starting the live feed: {0}")]
+    Feed(std::io::Error),
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("{0}; see the log for the cause")]
@@ -91,8 +93,13 @@ impl App {
             config.live_buffer as usize,
             config.live_buffer_bytes as usize,
         );
-        let (store, writer) =
-            Store::open(&config.database_url(), config.durability, feed.clone()).await?;
+        let listener_of_commits = feed.listener().map_err(StartError::Feed)?;
+        let (store, writer) = Store::open(
+            &config.database_url(),
+            config.durability,
+            listener_of_commits,
+        )
+        .await?;
         let keys = store.load_keys().await.map_err(StartError::Store)?;
         if !keys.any && !loopback && !config.allow_unauthenticated {
             return Err(StartError::Unauthenticated(config.listen.clone()));

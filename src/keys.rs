@@ -75,7 +75,7 @@ pub async fn connect(url: &str) -> Result<SqliteConnection, OpenError> {
     let mut conn = SqliteConnection::connect_with(&options)
         .await
         .map_err(|e| OpenError::database(&path, e))?;
-    sqlx::migrate!("./migrations")
+    sqlx::migrate!("./migrations/sqlite")
         .run(&mut conn)
         .await
         .map_err(|e| OpenError::migrate(&path, e))?;

@@ -7,7 +7,6 @@ use std::{
     sync::Arc,
 };
 
-use prost::Message;
 use runledger::{App, Config, grpc::pb, store::WriterStats};
 use sqlx::{Connection, SqliteConnection, sqlite::SqliteConnectOptions};
 use tokio::sync::Barrier;
@@ -268,9 +267,14 @@ async fn replays_in_busy_batches_resolve_to_the_stored_run_without_retrying_the_
             .await
             .unwrap();
     assert_eq!(events.len() as i64, executions + task_runs);
+    let mut runs = std::collections::HashSet::new();
     for (i, (seq, payload)) in events.iter().enumerate() {
         assert_eq!(*seq, i as i64 + 1, "the log has a hole");
-        let event = pb::StatusEvent::decode(payload.as_slice()).unwrap();
-        assert_eq!(event.sequence, *seq);
+        let record = runledger::domain::EventRecord::decode(payload).unwrap();
+        let run = match record.run {
+            runledger::domain::RecordedRun::Execution(e) => e.id.to_string(),
+            runledger::domain::RecordedRun::TaskRun(t) => t.id.to_string(),
+        };
+        assert!(runs.insert(run), "one event per run created");
     }
 }

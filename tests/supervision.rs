@@ -143,5 +143,5 @@ async fn shutdown_stops_the_writer_while_a_store_handle_is_still_held() {
         Err(runledger::Error::Unavailable) => {}
         other => panic!("expected UNAVAILABLE after shutdown, got {other:?}"),
     }
-    assert!(store.head().await.is_err(), "the read pool is closed");
+    assert!(store.head("t").await.is_err(), "the read pool is closed");
 }

@@ -138,11 +138,32 @@ async fn one_tenant_never_sees_another_tenants_runs_or_events() {
     let mut a = client(&app, &channel, Some(&a_secret));
     let mut b = client(&app, &channel, Some(&b_secret));
 
+    // B's log holds one event of its own.
+    let eb0 = b
+        .executions
+        .create_execution(goal("b's first"))
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+
     // B listens to everything it may see, live and from the log.
     let mut b_live = b
         .events
         .subscribe(pb::SubscribeRequest {
             include_task_runs: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // And from the log, after its own first event.
+    let mut b_log = b
+        .events
+        .subscribe(pb::SubscribeRequest {
+            include_task_runs: true,
+            after_sequence: 1,
             ..Default::default()
         })
         .await
@@ -163,17 +184,6 @@ async fn one_tenant_never_sees_another_tenants_runs_or_events() {
         .execution
         .unwrap();
     assert_eq!(ea.updated_by, "acme-worker");
-    // And from the log, after A's first event.
-    let mut b_log = b
-        .events
-        .subscribe(pb::SubscribeRequest {
-            include_task_runs: true,
-            after_sequence: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
     a.executions
         .set_execution_state(pb::SetExecutionStateRequest {
             id: ea.id.clone(),
@@ -388,7 +398,7 @@ async fn one_tenant_never_sees_another_tenants_runs_or_events() {
             .iter()
             .map(|x| x.id.clone())
             .collect::<Vec<_>>(),
-        std::slice::from_ref(&eb.id)
+        [eb.id.clone(), eb0.id.clone()]
     );
     let runs = b
         .task_runs
@@ -420,14 +430,17 @@ async fn one_tenant_never_sees_another_tenants_runs_or_events() {
     assert_eq!((state_of(&still), still.deleted_at), (Running, None));
 
     // B's streams carry B's event only: the first each delivers is B's
-    // execution, although A's four events came before it.
+    // execution, although A's four events came before it; and B's log is
+    // its own, numbered 1, 2, ... whatever A wrote in between.
     for s in [&mut b_live, &mut b_log] {
         let m = tokio::time::timeout(Duration::from_secs(10), s.message())
             .await
             .unwrap()
             .unwrap()
             .unwrap();
-        match m.event.unwrap().resource.unwrap() {
+        let event = m.event.unwrap();
+        assert_eq!(event.sequence, 2);
+        match event.resource.unwrap() {
             pb::status_event::Resource::Execution(x) => assert_eq!(x.id, eb.id),
             other => panic!("another tenant's event: {other:?}"),
         }

@@ -13,7 +13,7 @@ pub mod template;
 mod time;
 mod violation;
 
-pub use event::{Event, EventKind, Resource};
+pub use event::{EVENT_RECORD_VERSION, Event, EventKind, EventRecord, RecordedRun, Resource};
 pub use execution::{ConfigOverrides, ConfigProfile, EffectiveConfig, Execution, NewExecution};
 pub use ids::{ExecutionId, StateId, TaskRunId};
 pub use run::{ErrorInfo, RunCore};

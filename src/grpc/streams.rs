@@ -74,8 +74,14 @@ impl Streams {
     /// A cursor's start: refused if retention passed it; already ended if
     /// the run is terminal and its last event is not after the cursor
     /// (but for a delete still to come).
-    async fn resume_at(&self, after: i64, terminal: bool, last_seq: i64) -> Result<Start> {
-        self.check_cursor(after).await?;
+    async fn resume_at(
+        &self,
+        tenant: &str,
+        after: i64,
+        terminal: bool,
+        last_seq: i64,
+    ) -> Result<Start> {
+        self.check_cursor(tenant, after).await?;
         Ok(Start {
             after,
             read_log: true,
@@ -87,15 +93,15 @@ impl Streams {
     /// Refuses a cursor retention has passed, and one beyond the log's
     /// head: no event has that sequence yet, and following from there
     /// would pass over every event up to it.
-    async fn check_cursor(&self, after: i64) -> Result<()> {
-        let compacted = self.ledger.store().compacted_seq().await?;
+    async fn check_cursor(&self, tenant: &str, after: i64) -> Result<()> {
+        let compacted = self.ledger.store().compacted_seq(tenant).await?;
         if after < compacted {
             return Err(Error::OutOfRange(format!(
                 "after_sequence {after} is older than the event log's retention; the oldest sequence still held is {}",
                 compacted + 1
             )));
         }
-        let head = self.ledger.store().head().await?;
+        let head = self.ledger.store().head(tenant).await?;
         if after > head {
             return Err(Error::OutOfRange(format!(
                 "after_sequence {after} is beyond the event log's latest sequence {head}"
@@ -111,7 +117,7 @@ impl Streams {
         include_task_runs: bool,
         after: i64,
     ) -> Result<Subscription> {
-        let rx = self.feed.subscribe();
+        let rx = self.feed.subscribe(&caller.tenant_id);
         let store = self.ledger.store();
         let tenant = caller.tenant_id.clone();
         let filter = EventFilter {
@@ -148,8 +154,13 @@ impl Streams {
             }
         } else {
             let (exec, last_seq) = self.ledger.execution(caller, id).await?;
-            self.resume_at(after, exec.run.state.state_type.is_terminal(), last_seq)
-                .await?
+            self.resume_at(
+                &tenant,
+                after,
+                exec.run.state.state_type.is_terminal(),
+                last_seq,
+            )
+            .await?
         };
         Ok(self.open(rx, scope, filter, start))
     }
@@ -160,7 +171,7 @@ impl Streams {
         id: TaskRunId,
         after: i64,
     ) -> Result<Subscription> {
-        let rx = self.feed.subscribe();
+        let rx = self.feed.subscribe(&caller.tenant_id);
         let store = self.ledger.store();
         let tenant = caller.tenant_id.clone();
         let filter = EventFilter {
@@ -184,8 +195,13 @@ impl Streams {
             }
         } else {
             let (run, last_seq) = self.ledger.task_run(caller, id).await?;
-            self.resume_at(after, run.run.state.state_type.is_terminal(), last_seq)
-                .await?
+            self.resume_at(
+                &tenant,
+                after,
+                run.run.state.state_type.is_terminal(),
+                last_seq,
+            )
+            .await?
         };
         Ok(self.open(rx, scope, filter, start))
     }
@@ -196,11 +212,11 @@ impl Streams {
         filter: EventFilter,
         after: i64,
     ) -> Result<Subscription> {
-        let rx = self.feed.subscribe();
+        let rx = self.feed.subscribe(&caller.tenant_id);
         let scope = LogScope::Tenant(caller.tenant_id.clone());
         let start = if after == 0 {
             // Live from now: whatever committed before this is not wanted.
-            let head = self.ledger.store().head().await?;
+            let head = self.ledger.store().head(&caller.tenant_id).await?;
             Start {
                 after: head,
                 read_log: false,
@@ -208,7 +224,7 @@ impl Streams {
                 ended: false,
             }
         } else {
-            self.resume_at(after, false, 0).await?
+            self.resume_at(&caller.tenant_id, after, false, 0).await?
         };
         Ok(self.open(rx, scope, filter, start))
     }

@@ -66,8 +66,9 @@ impl Ledger {
             new.request_id.as_ref().map(|_| new.fingerprint().into());
         let new = Arc::new(new);
         let caller = caller.clone();
+        let tenant = caller.tenant_id.clone();
         self.store
-            .write(move |tx| {
+            .write(&tenant, move |tx| {
                 let (new, caller, fp) = (Arc::clone(&new), caller.clone(), fingerprint.clone());
                 Box::pin(async move { create_execution(tx, &caller, &new, fp.as_deref()).await })
             })
@@ -81,8 +82,9 @@ impl Ledger {
     ) -> Result<(TaskRun, bool)> {
         let new = Arc::new(new);
         let caller = caller.clone();
+        let tenant = caller.tenant_id.clone();
         self.store
-            .write(move |tx| {
+            .write(&tenant, move |tx| {
                 let (new, caller) = (Arc::clone(&new), caller.clone());
                 Box::pin(async move { create_task_run(tx, &caller, &new).await })
             })
@@ -96,8 +98,9 @@ impl Ledger {
         proposal: Proposal,
     ) -> Result<SetStateOutcome<Execution>> {
         let job = Arc::new((caller.clone(), proposal));
+        let tenant = caller.tenant_id.clone();
         self.store
-            .write(move |tx| {
+            .write(&tenant, move |tx| {
                 let job = Arc::clone(&job);
                 Box::pin(async move {
                     let (caller, proposal) = &*job;
@@ -121,8 +124,9 @@ impl Ledger {
         proposal: Proposal,
     ) -> Result<SetStateOutcome<TaskRun>> {
         let job = Arc::new((caller.clone(), proposal));
+        let tenant = caller.tenant_id.clone();
         self.store
-            .write(move |tx| {
+            .write(&tenant, move |tx| {
                 let job = Arc::clone(&job);
                 Box::pin(async move {
                     let (caller, proposal) = &*job;
@@ -140,8 +144,9 @@ impl Ledger {
         reason: String,
     ) -> Result<Execution> {
         let caller = caller.clone();
+        let tenant = caller.tenant_id.clone();
         self.store
-            .write(move |tx| {
+            .write(&tenant, move |tx| {
                 let (caller, reason) = (caller.clone(), reason.clone());
                 Box::pin(async move { cancel_execution(tx, &caller, id, &reason).await })
             })
@@ -156,8 +161,9 @@ impl Ledger {
         run_input: Map<String, Value>,
     ) -> Result<Execution> {
         let job = Arc::new((caller.clone(), run_input));
+        let tenant = caller.tenant_id.clone();
         self.store
-            .write(move |tx| {
+            .write(&tenant, move |tx| {
                 let job = Arc::clone(&job);
                 Box::pin(async move { resume_execution(tx, &job.0, id, &job.1).await })
             })
@@ -168,8 +174,9 @@ impl Ledger {
     /// not an error.
     pub async fn delete_execution(&self, caller: &Caller, id: ExecutionId) -> Result<Execution> {
         let caller = caller.clone();
+        let tenant = caller.tenant_id.clone();
         self.store
-            .write(move |tx| {
+            .write(&tenant, move |tx| {
                 let caller = caller.clone();
                 Box::pin(async move {
                     let mut exec = load_execution(tx, &caller, id).await?;
@@ -186,8 +193,9 @@ impl Ledger {
 
     pub async fn delete_task_run(&self, caller: &Caller, id: TaskRunId) -> Result<TaskRun> {
         let caller = caller.clone();
+        let tenant = caller.tenant_id.clone();
         self.store
-            .write(move |tx| {
+            .write(&tenant, move |tx| {
                 let caller = caller.clone();
                 Box::pin(async move {
                     let (mut run, exec) = load_task_run(tx, &caller, id).await?;
@@ -205,8 +213,9 @@ impl Ledger {
     /// Marks a COMPLETED or FAILED task run's data as outdated.
     pub async fn mark_task_run_stale(&self, caller: &Caller, id: TaskRunId) -> Result<TaskRun> {
         let caller = caller.clone();
+        let tenant = caller.tenant_id.clone();
         self.store
-            .write(move |tx| {
+            .write(&tenant, move |tx| {
                 let caller = caller.clone();
                 Box::pin(async move {
                     let (mut run, exec) = load_task_run(tx, &caller, id).await?;
@@ -233,7 +242,7 @@ impl Ledger {
     /// Fails PAUSED runs whose pause timed out; returns how many.
     pub async fn expire_pauses(&self) -> Result<usize> {
         self.store
-            .write(|tx| Box::pin(async move { expire_pauses(tx).await }))
+            .write_system(|tx| Box::pin(async move { expire_pauses(tx).await }))
             .await
     }
 
@@ -372,7 +381,9 @@ async fn create_task_run(
         .await?
         .ok_or_else(|| execution_not_found(new.execution_id))?;
     if let Some(key) = &new.dynamic_key
-        && let Some(existing) = tx.task_run_by_key(exec.id, &new.task_key, key).await?
+        && let Some(existing) = tx
+            .task_run_by_key(&exec.tenant_id, exec.id, &new.task_key, key)
+            .await?
     {
         return Ok((existing, false));
     }
@@ -383,7 +394,7 @@ async fn create_task_run(
             // for it in the database before refusing.
             if let Some(key) = &new.dynamic_key
                 && let Some(existing) = tx
-                    .task_run_by_key_checked(exec.id, &new.task_key, key)
+                    .task_run_by_key_checked(&exec.tenant_id, exec.id, &new.task_key, key)
                     .await?
             {
                 return Ok((existing, false));
@@ -393,7 +404,7 @@ async fn create_task_run(
     };
     let dynamic_key = match &new.dynamic_key {
         Some(key) => key.clone(),
-        None => next_dynamic_key(tx, exec.id, &new.task_key).await?,
+        None => next_dynamic_key(tx, &exec.tenant_id, exec.id, &new.task_key).await?,
     };
     let now = tx.now();
     let initial = new
@@ -490,14 +501,17 @@ async fn may_add_task_run(
 /// key's runs.
 async fn next_dynamic_key(
     tx: &mut WriteTx<'_>,
+    tenant: &str,
     execution: ExecutionId,
     task_key: &str,
 ) -> Result<String> {
-    let mut n = tx.count_task_runs_for_key(execution, task_key).await?;
+    let mut n = tx
+        .count_task_runs_for_key(tenant, execution, task_key)
+        .await?;
     loop {
         let key = n.to_string();
         if tx
-            .task_run_by_key(execution, task_key, &key)
+            .task_run_by_key(tenant, execution, task_key, &key)
             .await?
             .is_none()
         {
@@ -742,7 +756,7 @@ async fn upstreams(
     for key in keys {
         // A run is never its own upstream.
         let found = match tx
-            .latest_completed_output(run.execution_id, &key, run.id)
+            .latest_completed_output(&run.tenant_id, run.execution_id, &key, run.id)
             .await?
         {
             Some((id, output)) => {
@@ -757,7 +771,10 @@ async fn upstreams(
                 };
                 Upstream::Completed { id, output }
             }
-            None => match tx.runs_of_key_exist(run.execution_id, &key, run.id).await? {
+            None => match tx
+                .runs_of_key_exist(&run.tenant_id, run.execution_id, &key, run.id)
+                .await?
+            {
                 (false, _) => Upstream::Missing,
                 (true, true) => Upstream::InProgress,
                 (true, false) => Upstream::EndedOtherwise,
@@ -803,7 +820,7 @@ async fn cancel_execution(
     let task_id = exec.task_id.clone();
     // Task runs first, so that the execution's own (possibly terminal)
     // event is the last a stream of it delivers.
-    for mut run in tx.task_runs_of(id).await? {
+    for mut run in tx.task_runs_of(&caller.tenant_id, id).await? {
         if let Some(target) = rules::cancel_target(st, run.run.state.state_type) {
             let next = cancel_state(target, reason, now);
             commit_transition(
@@ -1097,7 +1114,7 @@ async fn transition<R: Tracked + Clone>(
     let transition_id = proposal.state.details.transition_id.as_deref();
     // Rule 1: a repeated transition_id gets the first result.
     if let Some(tid) = transition_id
-        && let Some(json) = tx.transition(&run_id, tid).await?
+        && let Some(json) = tx.transition(&caller.tenant_id, &run_id, tid).await?
     {
         let first: Recorded = serde_json::from_str(&json)
             .map_err(|e| Error::Internal(format!("decoding a recorded transition: {e}")))?;
@@ -1166,7 +1183,8 @@ async fn transition<R: Tracked + Clone>(
         };
         let json = serde_json::to_string(&recorded)
             .map_err(|e| Error::Internal(format!("encoding a transition: {e}")))?;
-        tx.record_transition(&run_id, tid, &json).await?;
+        tx.record_transition(&caller.tenant_id, &run_id, tid, &json)
+            .await?;
     }
     Ok(SetStateOutcome {
         status,

@@ -1,39 +1,35 @@
-//! Storage: SQLite through sqlx. Reads use a pool of read-only connections;
-//! every write goes through the single writer (see `writer`).
+//! Storage: the ledger's runs, history and event log, behind one seam
+//! (`backend`) with a SQLite implementation (`sqlite`). Reads go to the
+//! backend's read connections; every write goes through the writer, which
+//! commits the operations waiting at one moment together (see `writer`
+//! and `batch`). The store speaks in domain types only.
 
-mod open;
+mod backend;
+mod batch;
+mod fit;
 mod page;
-#[cfg(test)]
-mod plans;
 mod rows;
-pub(crate) mod sql;
-mod tx;
+mod sqlite;
 mod writer;
 
-use std::{str::FromStr, time::Duration};
+use std::sync::Arc;
 
-use sqlx::{
-    Connection, QueryBuilder, Sqlite, SqliteConnection, SqlitePool,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-};
 use tokio::sync::{mpsc, oneshot};
 
-pub use open::{OpenCause, OpenError};
+pub use batch::WriteTx;
 pub use page::{Cursor, DEFAULT_PAGE_SIZE, HistoryPage, MAX_PAGE_SIZE, Page};
-pub use tx::{Pruned, WriteTx};
+pub use sqlite::{OpenCause, OpenError};
 pub(crate) use writer::TxFuture;
 pub use writer::{WriterStats, WriterStopped, WriterTask};
-
-/// The most rows a read connection fetches ahead of its reader.
-const READ_ROW_BUFFER: usize = 16;
 
 /// The most events one retention transaction removes.
 const PRUNE_EVENTS_PER_TRANSACTION: i64 = 20_000;
 
 use crate::{
     Error, Result,
-    domain::{Execution, ExecutionId, State, StateType, TaskRun, TaskRunId, Timestamp, document},
-    stream::{Feed, LoggedEvent},
+    domain::{
+        EventRecord, Execution, ExecutionId, State, StateType, TaskRun, TaskRunId, Timestamp,
+    },
 };
 
 /// How hard a commit tries to reach the disk.
@@ -99,24 +95,26 @@ impl LogScope {
         }
     }
 
-    /// Whether `e` is in the scope: what a log read of the scope returns.
-    pub fn matches(&self, e: &LoggedEvent) -> bool {
+    /// Whether an event about these ids is in the scope: what a log read
+    /// of the scope returns.
+    pub fn matches(&self, e: &EventIds<'_>) -> bool {
         e.tenant_id == self.tenant()
             && match self {
                 LogScope::Tenant(_) => true,
-                LogScope::Execution(_, id) => &e.execution_id == id,
-                LogScope::ExecutionOnly(_, id) => &e.execution_id == id && e.task_run_id.is_none(),
-                LogScope::TaskRun(_, id) => e.task_run_id.as_ref() == Some(id),
+                LogScope::Execution(_, id) => e.execution_id == id,
+                LogScope::ExecutionOnly(_, id) => e.execution_id == id && e.task_run_id.is_none(),
+                LogScope::TaskRun(_, id) => e.task_run_id == Some(id.as_str()),
             }
     }
 
-    /// Whether `e` is about the scope's run itself: for a per-run scope,
-    /// what a log read of [`LogScope::run`] returns; never for a tenant.
-    pub fn is_own(&self, e: &LoggedEvent) -> bool {
+    /// Whether an event about these ids is about the scope's run itself:
+    /// for a per-run scope, what a log read of [`LogScope::run`] returns;
+    /// never for a tenant.
+    pub fn is_own(&self, e: &EventIds<'_>) -> bool {
         match self {
             LogScope::Tenant(_) => false,
             LogScope::Execution(t, id) | LogScope::ExecutionOnly(t, id) => {
-                &e.tenant_id == t && &e.execution_id == id && e.task_run_id.is_none()
+                e.tenant_id == t && e.execution_id == id && e.task_run_id.is_none()
             }
             LogScope::TaskRun(..) => self.matches(e),
         }
@@ -135,6 +133,75 @@ impl LogScope {
     }
 }
 
+/// The ids an event is selected by.
+#[derive(Debug, Clone, Copy)]
+pub struct EventIds<'a> {
+    pub tenant_id: &'a str,
+    pub execution_id: &'a str,
+    pub task_run_id: Option<&'a str>,
+}
+
+/// An event of the log: its sequence in its tenant's log, the ids streams
+/// select on, and the ledger's record of it.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub tenant_id: String,
+    pub execution_id: String,
+    pub task_run_id: Option<String>,
+    /// The task_id of the execution the event belongs to.
+    pub task_id: Option<String>,
+    pub body: EventBody,
+}
+
+impl StoredEvent {
+    pub fn ids(&self) -> EventIds<'_> {
+        EventIds {
+            tenant_id: &self.tenant_id,
+            execution_id: &self.execution_id,
+            task_run_id: self.task_run_id.as_deref(),
+        }
+    }
+}
+
+/// What the log holds of an event.
+#[derive(Debug, Clone)]
+pub enum EventBody {
+    /// The record, as the writer just committed it.
+    Record(Arc<EventRecord>),
+    /// The record as stored, read back from the log.
+    Stored { format: EventFormat, bytes: Vec<u8> },
+}
+
+/// How a stored event is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventFormat {
+    /// A StatusEvent of API v1, as logs written before event records hold.
+    LegacyWire,
+    /// An [`EventRecord`], versioned JSON.
+    Record,
+    /// A format this server does not know.
+    Unknown(i64),
+}
+
+impl EventFormat {
+    pub(crate) fn code(self) -> i64 {
+        match self {
+            EventFormat::LegacyWire => 1,
+            EventFormat::Record => 2,
+            EventFormat::Unknown(c) => c,
+        }
+    }
+
+    pub(crate) fn from_code(code: i64) -> Self {
+        match code {
+            1 => EventFormat::LegacyWire,
+            2 => EventFormat::Record,
+            c => EventFormat::Unknown(c),
+        }
+    }
+}
+
 /// A run as a per-run stream's snapshot sees it, with the sequence of its
 /// latest event.
 #[derive(Debug, Clone)]
@@ -142,7 +209,7 @@ pub struct Snapshot {
     pub execution: Option<(Execution, i64)>,
     /// The first page of its task runs, when asked for.
     pub task_runs: TaskRunPage,
-    /// The log's head when the snapshot was read: everything up to here is
+    /// The tenant log's head when the snapshot was read: everything up to here is
     /// reflected in it, and nothing after it.
     pub head: i64,
 }
@@ -157,18 +224,18 @@ pub struct TaskRunPage {
 }
 
 /// How many task runs a page of a snapshot holds at most.
-const SNAPSHOT_PAGE: i64 = 100;
+pub(crate) const SNAPSHOT_PAGE: i64 = 100;
 /// About how many bytes of documents a page of a snapshot holds.
-const SNAPSHOT_PAGE_BYTES: usize = 64 * 1024;
+pub(crate) const SNAPSHOT_PAGE_BYTES: usize = 64 * 1024;
 
 /// A handle to the store; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    read: SqlitePool,
+    reads: Arc<dyn backend::ReadBackend>,
     writes: mpsc::Sender<writer::BoxedOp>,
     stop_writes: tokio_util::sync::CancellationToken,
-    stats: std::sync::Arc<WriterStats>,
-    reads: std::sync::Arc<ReadStats>,
+    stats: Arc<WriterStats>,
+    read_stats: Arc<ReadStats>,
 }
 
 /// Counts of reads of the event log, readable while the service runs.
@@ -187,126 +254,95 @@ impl ReadStats {
 /// A page of the event log read for one scope.
 #[derive(Debug)]
 pub struct LogPage {
-    pub events: Vec<LoggedEvent>,
+    pub events: Vec<StoredEvent>,
     /// The read stopped at a bound: more may follow.
     pub full: bool,
-    /// The log's head as the read saw it: when the page is not full,
-    /// the scope has no event after the page's up to this sequence.
+    /// The tenant log's head as the read saw it: when the page is not
+    /// full, the scope has no event after the page's up to this sequence.
     pub head: i64,
+}
+
+/// Hears of the events each transaction wrote, once it has committed, in
+/// the order of each tenant's log.
+pub trait CommitListener: Send + Sync + 'static {
+    fn committed(&self, events: Vec<StoredEvent>);
 }
 
 impl Store {
     /// Opens (creating and migrating if needed) the database at `url` and
-    /// starts its writer, after taking the lock that keeps other servers
-    /// off the file for as long as the writer runs.
+    /// starts its writer, which tells `listener` of every commit. A SQLite
+    /// database is locked against other servers for as long as the writer
+    /// runs.
     pub async fn open(
         url: &str,
         durability: Durability,
-        feed: Feed,
+        listener: Arc<dyn CommitListener>,
     ) -> Result<(Store, WriterTask), OpenError> {
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(|e| OpenError::new(url, OpenCause::Url(e.to_string())))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(match durability {
-                Durability::Process => SqliteSynchronous::Normal,
-                Durability::Power => SqliteSynchronous::Full,
-            })
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10))
-            .statement_cache_capacity(256);
-        let path = options.get_filename().to_owned();
-        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        let lock = if in_memory {
-            None
-        } else {
-            Some(open::DatabaseLock::take(&path)?)
-        };
-        let failed = |e: sqlx::Error| OpenError::database(&path, e);
-
-        // The writer's own settings: a larger page cache, and checkpoints
-        // left to the checkpointer below (the limit is a safety net should
-        // it fall behind), so commits never copy the WAL back themselves.
-        let writer_options = options
-            .clone()
-            .pragma("cache_size", "-65536")
-            .pragma("wal_autocheckpoint", "50000");
-        let mut conn = SqliteConnection::connect_with(&writer_options)
-            .await
-            .map_err(failed)?;
-        sqlx::migrate!("./migrations")
-            .run(&mut conn)
-            .await
-            .map_err(|e| OpenError::migrate(&path, e))?;
-        let next_seq = sqlx::query_scalar::<_, i64>(HEAD_SQL)
-            .fetch_one(&mut conn)
-            .await
-            .map_err(failed)?
-            + 1;
-
-        let read = SqlitePoolOptions::new()
-            .max_connections(8)
-            .min_connections(1)
-            // Rows reach a reader a few at a time, so that a read that
-            // stops early (a page full to its byte limit) never had many
-            // large rows queued for it.
-            .connect_with(
-                options
-                    .clone()
-                    .read_only(true)
-                    .row_buffer_size(READ_ROW_BUFFER),
-            )
-            .await
-            .map_err(failed)?;
-
-        let checkpointer = SqliteConnection::connect_with(&options)
-            .await
-            .map_err(failed)?;
+        let opened = sqlite::open(url, durability).await?;
+        let path = sqlite::path_of(url);
         let (tx, rx) = mpsc::channel(4096);
         let stop_writes = tokio_util::sync::CancellationToken::new();
-        let stop_writer = stop_writes.clone();
-        let stats = std::sync::Arc::new(WriterStats::default());
-        let writer_stats = std::sync::Arc::clone(&stats);
-        let writer = writer::start(lock, move || async move {
-            let (stop, stopped) = oneshot::channel();
-            let checkpoints = tokio::spawn(checkpoint(checkpointer, stopped));
-            writer::run(conn, rx, stop_writer, feed, next_seq, writer_stats).await;
-            let _ = stop.send(());
-            let _ = checkpoints.await;
-        })
+        let stats = Arc::new(WriterStats::default());
+        let writer = writer::start(
+            opened.writer,
+            opened.guard,
+            opened.beside,
+            rx,
+            stop_writes.clone(),
+            listener,
+            Arc::clone(&stats),
+        )
         .await
         .map_err(|e| OpenError::new(&path, OpenCause::Writer(e.to_string())))?;
         Ok((
             Store {
-                read,
+                reads: opened.reads,
                 writes: tx,
                 stop_writes,
                 stats,
-                reads: std::sync::Arc::default(),
+                read_stats: Arc::default(),
             },
             writer,
         ))
     }
 
     /// Counts of the writer's work.
-    pub fn writer_stats(&self) -> std::sync::Arc<WriterStats> {
-        std::sync::Arc::clone(&self.stats)
+    pub fn writer_stats(&self) -> Arc<WriterStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Counts of reads of the event log.
-    pub fn read_stats(&self) -> std::sync::Arc<ReadStats> {
-        std::sync::Arc::clone(&self.reads)
+    pub fn read_stats(&self) -> Arc<ReadStats> {
+        Arc::clone(&self.read_stats)
     }
 
-    /// Runs `f` in the writer's next transaction and answers once it has
-    /// committed.
-    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T>
+    /// Runs `f`, which changes `tenant`'s runs, in the writer's next
+    /// transaction and answers once it has committed.
+    pub(crate) async fn write<T, F>(&self, tenant: &str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'a, 'c> FnMut(&'a mut WriteTx<'c>) -> TxFuture<'a, T> + Send + 'static,
+    {
+        self.write_op(Some(tenant.into()), f).await
+    }
+
+    /// Runs `f`, which is no one tenant's (or several tenants'), in the
+    /// writer's next transaction and answers once it has committed.
+    pub(crate) async fn write_system<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'a, 'c> FnMut(&'a mut WriteTx<'c>) -> TxFuture<'a, T> + Send + 'static,
+    {
+        self.write_op(None, f).await
+    }
+
+    async fn write_op<T, F>(&self, tenant: Option<Arc<str>>, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: for<'a, 'c> FnMut(&'a mut WriteTx<'c>) -> TxFuture<'a, T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let op = writer::ClosureOp::new(f, reply);
+        let op = writer::ClosureOp::new(tenant, f, reply);
         self.writes
             .send(Box::new(op))
             .await
@@ -319,78 +355,47 @@ impl Store {
         tenant: &str,
         id: ExecutionId,
     ) -> Result<Option<(Execution, i64)>> {
-        let row: Option<(String, i64)> = sqlx::query_as(sql::EXECUTION_BY_ID)
-            .bind(tenant)
-            .bind(id.to_string())
-            .fetch_optional(&self.read)
-            .await?;
-        row.map(|(doc, seq)| Ok((rows::decode_doc(&doc)?, seq)))
-            .transpose()
+        self.reads.execution(tenant, id).await
     }
 
     pub async fn task_run(&self, tenant: &str, id: TaskRunId) -> Result<Option<(TaskRun, i64)>> {
-        let row: Option<(String, i64)> = sqlx::query_as(sql::TASK_RUN_BY_ID)
-            .bind(tenant)
-            .bind(id.to_string())
-            .fetch_optional(&self.read)
-            .await?;
-        row.map(|(doc, seq)| Ok((rows::decode_doc(&doc)?, seq)))
-            .transpose()
+        self.reads.task_run(tenant, id).await
     }
 
-    /// Newest first: a page that fits in one response (see [`fit_rows`]).
+    /// Newest first: a page that fits in one response.
     pub async fn list_executions(
         &self,
         tenant: &str,
         filter: &ExecutionFilter,
         page: &Page,
     ) -> Result<(Vec<Execution>, Option<Cursor>)> {
-        use futures::TryStreamExt;
-
-        let mut q = list_executions_query(tenant, filter, page);
-        let rows = q.build_query_as().fetch(&self.read).map_ok(list_row);
-        fit_rows(rows, page.size, document::execution_bytes).await
+        self.reads.list_executions(tenant, filter, page).await
     }
 
-    /// Newest first: a page that fits in one response (see [`fit_rows`]).
+    /// Newest first: a page that fits in one response.
     pub async fn list_task_runs(
         &self,
         tenant: &str,
         filter: &TaskRunFilter,
         page: &Page,
     ) -> Result<(Vec<TaskRun>, Option<Cursor>)> {
-        use futures::TryStreamExt;
-
-        let mut q = list_task_runs_query(tenant, filter, page);
-        let rows = q.build_query_as().fetch(&self.read).map_ok(list_row);
-        fit_rows(rows, page.size, document::task_run_bytes).await
+        self.reads.list_task_runs(tenant, filter, page).await
     }
 
     /// A page of a run's state history, oldest first, that fits in one
-    /// response (see [`fit_rows`]), and the token of the next page if there
-    /// is one.
+    /// response, and the token of the next page if there is one.
     pub async fn states(
         &self,
         tenant: &str,
         run_id: &str,
         page: &HistoryPage,
     ) -> Result<(Vec<State>, Option<String>)> {
-        use futures::TryStreamExt;
-
-        let rows = sqlx::query_as::<_, (i64, String)>(sql::STATES_OF_RUN)
-            .bind(tenant)
-            .bind(run_id)
-            .bind(page.after.unwrap_or(0))
-            .bind(page.size as i64 + 1)
-            .fetch(&self.read)
-            .map_ok(|(row, doc)| (doc, row));
-        let (states, last) = fit_rows(rows, page.size, document::state_bytes).await?;
-        Ok((states, last.map(HistoryPage::token)))
+        self.reads.states(tenant, run_id, page).await
     }
 
     /// Events of `scope` with sequence above `after`, in order: up to
     /// `limit` of them, stopping once they hold `max_bytes` (at least one
-    /// event), with the log's head read in the same transaction.
+    /// event), with the tenant log's head read in the same transaction.
     pub async fn events_after(
         &self,
         scope: &LogScope,
@@ -398,87 +403,43 @@ impl Store {
         limit: i64,
         max_bytes: usize,
     ) -> Result<LogPage> {
-        use futures::TryStreamExt;
-
-        self.reads
+        self.read_stats
             .log_reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (sql, tenant, id) = match scope {
-            LogScope::Tenant(t) => (sql::EVENTS_OF_TENANT, t, None),
-            LogScope::Execution(t, id) => (sql::EVENTS_OF_EXECUTION, t, Some(id)),
-            LogScope::ExecutionOnly(t, id) => (sql::EVENTS_OF_EXECUTION_ONLY, t, Some(id)),
-            LogScope::TaskRun(t, id) => (sql::EVENTS_OF_TASK_RUN, t, Some(id)),
-        };
-        // One read transaction: the events read are those committed up to
-        // the head it sees.
-        let mut tx = self.read.begin().await?;
-        let head: i64 = sqlx::query_scalar(HEAD_SQL).fetch_one(&mut *tx).await?;
-        let mut q = sqlx::query_as::<_, EventRow>(sql).bind(tenant);
-        if let Some(id) = id {
-            q = q.bind(id);
-        }
-        let mut events = Vec::new();
-        let mut full = false;
-        {
-            let mut rows = q.bind(after).bind(limit).fetch(&mut *tx);
-            let mut bytes = 0;
-            while let Some(row) = rows.try_next().await? {
-                bytes += row.payload.len();
-                events.push(row.into_logged());
-                if bytes >= max_bytes {
-                    full = true;
-                    break;
-                }
-            }
-        }
-        tx.commit().await?;
-        let full = full || events.len() as i64 == limit;
-        Ok(LogPage { events, full, head })
+        self.reads
+            .events_after(scope, after, limit, max_bytes)
+            .await
     }
 
-    /// The latest sequence the log has given out.
-    pub async fn head(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar(HEAD_SQL).fetch_one(&self.read).await?)
+    /// The latest sequence the tenant's log has given out.
+    pub async fn head(&self, tenant: &str) -> Result<i64> {
+        self.reads.head(tenant).await
     }
 
-    /// The highest sequence retention has removed from the log.
-    pub async fn compacted_seq(&self) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT value FROM counters WHERE name = 'compacted_seq'")
-                .fetch_one(&self.read)
-                .await?,
-        )
+    /// The latest sequence of each of `tenants` that has one.
+    pub async fn heads(
+        &self,
+        tenants: &[String],
+    ) -> Result<std::collections::HashMap<String, i64>> {
+        self.reads.heads(tenants).await
     }
 
-    /// An execution (and optionally its task runs) with the log head, read
-    /// in one consistent transaction.
+    /// The highest sequence retention has removed from the tenant's log.
+    pub async fn compacted_seq(&self, tenant: &str) -> Result<i64> {
+        self.reads.compacted_seq(tenant).await
+    }
+
+    /// An execution (and optionally its task runs) with the tenant log's
+    /// head, read in one consistent transaction.
     pub async fn execution_snapshot(
         &self,
         tenant: &str,
         id: ExecutionId,
         include_task_runs: bool,
     ) -> Result<Snapshot> {
-        let mut tx = self.read.begin().await?;
-        let head: i64 = sqlx::query_scalar(HEAD_SQL).fetch_one(&mut *tx).await?;
-        let row: Option<(String, i64)> = sqlx::query_as(sql::EXECUTION_BY_ID)
-            .bind(tenant)
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let execution = row
-            .map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s)))
-            .transpose()?;
-        let task_runs = if include_task_runs && execution.is_some() {
-            task_runs_page(&mut tx, id, 0, head).await?
-        } else {
-            TaskRunPage::default()
-        };
-        tx.commit().await?;
-        Ok(Snapshot {
-            execution,
-            task_runs,
-            head,
-        })
+        self.reads
+            .execution_snapshot(tenant, id, include_task_runs)
+            .await
     }
 
     /// The next page of an execution's task runs for a snapshot taken at
@@ -487,79 +448,86 @@ impl Store {
     /// left out: its own later events show it.
     pub async fn task_runs_after(
         &self,
+        tenant: &str,
         execution: ExecutionId,
         after: i64,
         head: i64,
     ) -> Result<TaskRunPage> {
-        let mut conn = self.read.acquire().await?;
-        task_runs_page(&mut conn, execution, after, head).await
+        self.reads
+            .task_runs_after(tenant, execution, after, head)
+            .await
     }
 
-    /// A task run with the log head, read in one consistent transaction.
+    /// A task run with the tenant log's head, read in one consistent
+    /// transaction.
     pub async fn task_run_snapshot(
         &self,
         tenant: &str,
         id: TaskRunId,
     ) -> Result<(Option<(TaskRun, i64)>, i64)> {
-        let mut tx = self.read.begin().await?;
-        let head: i64 = sqlx::query_scalar(HEAD_SQL).fetch_one(&mut *tx).await?;
-        let row: Option<(String, i64)> = sqlx::query_as(sql::TASK_RUN_BY_ID)
-            .bind(tenant)
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        let run = row
-            .map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s)))
-            .transpose()?;
-        Ok((run, head))
+        self.reads.task_run_snapshot(tenant, id).await
     }
 
-    /// Applies retention through the writer: removes the events older than
-    /// `cutoff`, the history rows and transition results of finished runs
-    /// whose last event that removes (each keeps its current state), and
-    /// cache entries expired by now. A long backlog goes in several
-    /// transactions, so that other writes wait for none of them for long.
+    /// Applies retention through the writer, tenant by tenant: removes the
+    /// events older than `cutoff`, the history rows and transition results
+    /// of finished runs whose last event that removes (each keeps its
+    /// current state), and cache entries expired by now. A long backlog
+    /// goes in several transactions, so that other writes wait for none of
+    /// them for long.
     pub async fn prune(&self, cutoff: Timestamp) -> Result<Pruned> {
-        let mut total = Pruned::default();
-        loop {
-            let now = Timestamp::now();
-            let round = self
-                .write(move |tx| Box::pin(tx.prune(cutoff, now, PRUNE_EVENTS_PER_TRANSACTION)))
-                .await?;
-            total.events += round.events;
-            total.states += round.states;
-            total.transitions += round.transitions;
-            total.cache_entries += round.cache_entries;
-            if round.events < PRUNE_EVENTS_PER_TRANSACTION as u64 {
-                return Ok(total);
+        let now = Timestamp::now();
+        let mut total = Pruned {
+            cache_entries: self
+                .write_system(move |tx| Box::pin(tx.expire_cache_entries(now)))
+                .await?,
+            ..Pruned::default()
+        };
+        let tenants = self
+            .write_system(move |tx| Box::pin(tx.tenants_with_events_before(cutoff)))
+            .await?;
+        for tenant in tenants {
+            let tenant: Arc<str> = tenant.into();
+            loop {
+                let t = Arc::clone(&tenant);
+                let round = self
+                    .write(&tenant, move |tx| {
+                        let t = Arc::clone(&t);
+                        Box::pin(
+                            async move { tx.prune(&t, cutoff, PRUNE_EVENTS_PER_TRANSACTION).await },
+                        )
+                    })
+                    .await?;
+                total.events += round.events;
+                total.states += round.states;
+                total.transitions += round.transitions;
+                if round.events < PRUNE_EVENTS_PER_TRANSACTION as u64 {
+                    break;
+                }
             }
         }
+        Ok(total)
     }
 
     /// The API keys in force.
     pub async fn load_keys(&self) -> Result<crate::keys::KeySet> {
-        let mut conn = self.read.acquire().await?;
-        crate::keys::KeySet::load(&mut conn).await
+        self.reads.load_keys().await
     }
 
     /// The key in force with this secret hash.
     pub async fn find_key(&self, hash: &str) -> Result<Option<crate::keys::ActiveKey>> {
-        let mut conn = self.read.acquire().await?;
-        crate::keys::find(&mut conn, hash).await
+        self.reads.find_key(hash).await
     }
 
     /// Today's request counts per key id.
     pub async fn key_usage(&self, day: i64) -> Result<std::collections::HashMap<String, i64>> {
-        let mut conn = self.read.acquire().await?;
-        crate::keys::usage_today(&mut conn, day).await
+        self.reads.key_usage(day).await
     }
 
     /// Records request counts: (key id, day, requests that day).
     pub async fn record_key_usage(&self, counts: Vec<(String, i64, i64)>) -> Result<()> {
-        let counts = std::sync::Arc::new(counts);
-        self.write(move |tx| {
-            let counts = std::sync::Arc::clone(&counts);
+        let counts = Arc::new(counts);
+        self.write_system(move |tx| {
+            let counts = Arc::clone(&counts);
             Box::pin(async move { tx.record_key_usage(&counts).await })
         })
         .await
@@ -567,18 +535,18 @@ impl Store {
 
     /// Records when these keys (by secret hash) were last used.
     pub async fn touch_keys(&self, hashes: Vec<String>) -> Result<()> {
-        let hashes = std::sync::Arc::new(hashes);
-        self.write(move |tx| {
-            let hashes = std::sync::Arc::clone(&hashes);
+        let hashes = Arc::new(hashes);
+        self.write_system(move |tx| {
+            let hashes = Arc::clone(&hashes);
             Box::pin(async move { tx.touch_keys(&hashes, Timestamp::now()).await })
         })
         .await
     }
 
-    /// Closes the read pool: later reads fail, and this waits for the
-    /// connections in use to come back.
+    /// Closes the read connections: later reads fail, and this waits for
+    /// the connections in use to come back.
     pub async fn close_reads(&self) {
-        self.read.close().await;
+        self.reads.close().await;
     }
 
     /// Tells the writer to stop, whoever still holds a handle: it commits
@@ -589,242 +557,14 @@ impl Store {
     }
 }
 
-/// Reads a list's rows (a document and where a page after it starts), in
-/// order, keeping them while they fit in one response: at most `size` of
-/// them, whose wire size (by `measure`) stays within
-/// [`document::MAX_PAGE_BYTES`]; the first row is always kept, as each fits
-/// alone. Rows are decoded one at a time and the read stops at the first
-/// row left out, so a page holds only what it returns, that row, and the
-/// few rows the connection reads ahead ([`READ_ROW_BUFFER`]). The second
-/// value is where the next page starts, the last row kept, when rows were
-/// left out.
-async fn fit_rows<T, K>(
-    rows: impl futures::Stream<Item = sqlx::Result<(String, K)>>,
-    size: u32,
-    measure: impl Fn(&T) -> usize,
-) -> Result<(Vec<T>, Option<K>)>
-where
-    T: serde::de::DeserializeOwned,
-{
-    use futures::TryStreamExt;
-
-    let mut rows = std::pin::pin!(rows);
-    let mut items = Vec::new();
-    let mut bytes = 0;
-    let mut last = None;
-    while let Some((doc, key)) = rows.try_next().await? {
-        if items.len() >= size as usize {
-            return Ok((items, last));
-        }
-        let item = rows::decode_doc(&doc)?;
-        drop(doc);
-        let item_bytes = measure(&item);
-        if !items.is_empty() && bytes + item_bytes > document::MAX_PAGE_BYTES {
-            return Ok((items, last));
-        }
-        bytes += item_bytes;
-        items.push(item);
-        last = Some(key);
-    }
-    Ok((items, None))
-}
-
-/// A list row as [`fit_rows`] reads it.
-fn list_row((doc, created_at, id): (String, i64, String)) -> (String, Cursor) {
-    (doc, Cursor { created_at, id })
-}
-
-/// Up to a page of an execution's task runs whose latest event is in
-/// (`after`, `head`], in the order of those events, bounded by count and
-/// by the bytes of their documents.
-async fn task_runs_page(
-    conn: &mut SqliteConnection,
-    execution: ExecutionId,
-    after: i64,
-    head: i64,
-) -> Result<TaskRunPage> {
-    use futures::TryStreamExt;
-
-    let mut rows = sqlx::query_as::<_, (String, i64)>(sql::TASK_RUNS_OF_EXECUTION)
-        .bind(execution.to_string())
-        .bind(after)
-        .bind(head)
-        .bind(SNAPSHOT_PAGE)
-        .fetch(&mut *conn);
-    let mut page = TaskRunPage::default();
-    let mut bytes = 0;
-    let mut last = None;
-    while let Some((doc, seq)) = rows.try_next().await? {
-        bytes += doc.len();
-        page.runs.push((rows::decode_doc(&doc)?, seq));
-        last = Some(seq);
-        if bytes >= SNAPSHOT_PAGE_BYTES {
-            break;
-        }
-    }
-    if bytes >= SNAPSHOT_PAGE_BYTES || page.runs.len() as i64 == SNAPSHOT_PAGE {
-        page.next = last;
-    }
-    Ok(page)
-}
-
-/// Copies committed WAL pages back into the database file, beside the
-/// writer rather than inside its commits; truncates the WAL at the end.
-async fn checkpoint(mut conn: SqliteConnection, mut stop: tokio::sync::oneshot::Receiver<()>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            _ = tick.tick() => {}
-        }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut conn)
-            .await
-        {
-            tracing::warn!(error = %e, "checkpoint");
-        }
-    }
-    if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(&mut conn)
-        .await
-    {
-        tracing::warn!(error = %e, "final checkpoint");
-    }
-    let _ = conn.close().await;
-}
-
-/// The latest sequence given out: the log's last, or the compaction mark
-/// when retention emptied the log.
-const HEAD_SQL: &str = "SELECT MAX(COALESCE((SELECT MAX(seq) FROM events), 0), \
-     (SELECT value FROM counters WHERE name = 'compacted_seq'))";
-
-#[derive(sqlx::FromRow)]
-struct EventRow {
-    seq: i64,
-    tenant_id: String,
-    execution_id: String,
-    task_run_id: Option<String>,
-    task_id: Option<String>,
-    payload: Vec<u8>,
-}
-
-impl EventRow {
-    fn into_logged(self) -> LoggedEvent {
-        LoggedEvent::from_log(
-            self.seq,
-            self.tenant_id,
-            self.execution_id,
-            self.task_run_id,
-            self.task_id,
-            &self.payload,
-        )
-    }
-}
-
-/// The list query for executions; also checked by the plan test.
-pub(crate) fn list_executions_query<'a>(
-    tenant: &'a str,
-    filter: &'a ExecutionFilter,
-    page: &'a Page,
-) -> QueryBuilder<Sqlite> {
-    let mut q = QueryBuilder::<Sqlite>::new(
-        "SELECT doc, created_at, id FROM executions WHERE tenant_id = ",
-    );
-    q.push_bind(tenant.to_owned());
-    if let Some(task_id) = &filter.task_id {
-        q.push(" AND task_id = ").push_bind(task_id.clone());
-    }
-    push_state_types(&mut q, &filter.state_types);
-    push_pairs(&mut q, "$.metadata", &filter.metadata);
-    push_common(
-        &mut q,
-        filter.created_after,
-        filter.created_before,
-        filter.show_deleted,
-        page,
-    );
-    q
-}
-
-/// The list query for task runs; also checked by the plan test.
-pub(crate) fn list_task_runs_query<'a>(
-    tenant: &'a str,
-    filter: &'a TaskRunFilter,
-    page: &'a Page,
-) -> QueryBuilder<Sqlite> {
-    let mut q =
-        QueryBuilder::<Sqlite>::new("SELECT doc, created_at, id FROM task_runs WHERE tenant_id = ");
-    q.push_bind(tenant.to_owned());
-    if let Some(id) = filter.execution_id {
-        q.push(" AND execution_id = ").push_bind(id.to_string());
-    }
-    if let Some(key) = &filter.task_key {
-        q.push(" AND task_key = ").push_bind(key.clone());
-    }
-    if let Some(stale) = filter.stale {
-        q.push(" AND stale = ").push_bind(stale);
-    }
-    push_state_types(&mut q, &filter.state_types);
-    push_pairs(&mut q, "$.labels", &filter.labels);
-    push_common(
-        &mut q,
-        filter.created_after,
-        filter.created_before,
-        filter.show_deleted,
-        page,
-    );
-    q
-}
-
-/// Every pair must be in the document's map at `path`.
-fn push_pairs(q: &mut QueryBuilder<Sqlite>, path: &'static str, pairs: &[(String, String)]) {
-    for (k, v) in pairs {
-        q.push(" AND EXISTS (SELECT 1 FROM json_each(doc, '")
-            .push(path)
-            .push("') WHERE key = ")
-            .push_bind(k.clone())
-            .push(" AND value = ")
-            .push_bind(v.clone())
-            .push(")");
-    }
-}
-
-fn push_state_types(q: &mut QueryBuilder<Sqlite>, types: &[StateType]) {
-    if types.is_empty() {
-        return;
-    }
-    q.push(" AND state_type IN (");
-    let mut sep = q.separated(", ");
-    for t in types {
-        sep.push_bind(t.code());
-    }
-    sep.push_unseparated(")");
-}
-
-fn push_common(
-    q: &mut QueryBuilder<Sqlite>,
-    after: Option<Timestamp>,
-    before: Option<Timestamp>,
-    show_deleted: bool,
-    page: &Page,
-) {
-    if let Some(t) = after {
-        q.push(" AND created_at > ").push_bind(t.as_micros());
-    }
-    if let Some(t) = before {
-        q.push(" AND created_at < ").push_bind(t.as_micros());
-    }
-    if !show_deleted {
-        q.push(" AND deleted_at IS NULL");
-    }
-    if let Some(c) = &page.after {
-        q.push(" AND (created_at, id) < (")
-            .push_bind(c.created_at)
-            .push(", ")
-            .push_bind(c.id.clone())
-            .push(")");
-    }
-    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-        .push_bind(page.size as i64 + 1);
+/// What one round of retention removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub events: u64,
+    /// History rows of finished runs.
+    pub states: u64,
+    /// Recorded transition results of finished runs.
+    pub transitions: u64,
+    /// Expired cache entries.
+    pub cache_entries: u64,
 }

@@ -1,7 +1,10 @@
-//! The single writer: every change goes through one task that commits the
-//! operations waiting at that moment together, in one transaction (group
-//! commit). A caller is answered only after its transaction commits, and
-//! subscribers hear of the events only then.
+//! The writer: every change goes through one task that commits the
+//! operations waiting at that moment together (group commit): in one
+//! transaction when it is the database's only writer, or one transaction
+//! per tenant when it shares the database with other servers' writers (a
+//! transaction holds its tenant's log counter, see `batch`). A caller is
+//! answered only after its transaction commits, and subscribers hear of
+//! the events only then.
 //!
 //! The writer runs on a thread of its own, so encoding, template
 //! resolution and commits never take a worker from the services, and a
@@ -21,20 +24,21 @@ use std::{
 };
 
 use futures::FutureExt;
-use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use super::{
-    Store,
-    open::DatabaseLock,
-    tx::{RunCache, WriteTx},
+    CommitListener, Store, StoredEvent,
+    backend::{BesideFuture, TxBackend},
+    batch::{RunCache, WriteTx},
 };
-use crate::{
-    Error, Result,
-    stream::{Feed, LoggedEvent},
-};
+use crate::{Error, Result};
+
+/// How many times a transaction that lost a race with another writer
+/// (deadlock, serialization failure) runs again before its operations run
+/// one by one.
+const RACE_RETRIES: usize = 5;
 
 /// The most operations one transaction commits.
 const MAX_BATCH: usize = 512;
@@ -47,6 +51,9 @@ pub(crate) type TxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send 
 
 /// One unit of work for the writer.
 pub(crate) trait WriteOp: Send {
+    /// The tenant whose runs the operation changes, if it is one tenant's.
+    fn tenant(&self) -> Option<&str>;
+
     /// Runs the operation in the open transaction. Err means the database
     /// failed and the transaction must roll back; the operation's own
     /// answer (which may be a refusal) is kept inside it.
@@ -63,14 +70,16 @@ pub(crate) trait WriteOp: Send {
 /// that fails is retried one operation at a time, and an operation that
 /// met a stored idempotency key runs again).
 pub(crate) struct ClosureOp<T, F> {
+    tenant: Option<Arc<str>>,
     f: F,
     answer: Option<Result<T>>,
     reply: oneshot::Sender<Result<T>>,
 }
 
 impl<T, F> ClosureOp<T, F> {
-    pub(crate) fn new(f: F, reply: oneshot::Sender<Result<T>>) -> Self {
+    pub(crate) fn new(tenant: Option<Arc<str>>, f: F, reply: oneshot::Sender<Result<T>>) -> Self {
         Self {
+            tenant,
             f,
             answer: None,
             reply,
@@ -83,6 +92,10 @@ where
     T: Send,
     F: for<'a, 'c> FnMut(&'a mut WriteTx<'c>) -> TxFuture<'a, T> + Send,
 {
+    fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
     fn apply<'a, 'c>(&'a mut self, tx: &'a mut WriteTx<'c>) -> TxFuture<'a, ()>
     where
         'c: 'a,
@@ -148,16 +161,19 @@ impl WriterTask {
     }
 }
 
-/// Runs `work` on a new thread with its own single-threaded runtime; the
-/// database lock is released when the work ends (or the thread dies).
-pub(super) async fn start<F, Fut>(
-    lock: Option<DatabaseLock>,
-    work: F,
-) -> std::io::Result<WriterTask>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = ()>,
-{
+/// Starts the writer on a new thread with its own single-threaded
+/// runtime; `guard` (a database lock) is released when the writer ends (or
+/// the thread dies), and `beside` runs next to it until then.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn start(
+    backend: Box<dyn TxBackend>,
+    guard: Option<Box<dyn Any + Send>>,
+    beside: Option<Box<dyn FnOnce(oneshot::Receiver<()>) -> BesideFuture + Send>>,
+    rx: mpsc::Receiver<BoxedOp>,
+    stop: CancellationToken,
+    listener: Arc<dyn CommitListener>,
+    stats: Arc<WriterStats>,
+) -> std::io::Result<WriterTask> {
     let (ready, started) = oneshot::channel();
     let (done, finished) = oneshot::channel();
     std::thread::Builder::new()
@@ -174,10 +190,18 @@ where
                 }
             };
             let _ = ready.send(Ok(()));
-            runtime.block_on(work());
+            runtime.block_on(async move {
+                let (end, ended) = oneshot::channel();
+                let beside = beside.map(|b| tokio::spawn(b(ended)));
+                run(backend, rx, stop, listener, stats).await;
+                let _ = end.send(());
+                if let Some(beside) = beside {
+                    let _ = beside.await;
+                }
+            });
             drop(runtime);
             // Free the database for the next server before saying so.
-            drop(lock);
+            drop(guard);
             let _ = done.send(());
         })?;
     started
@@ -191,6 +215,7 @@ where
 pub struct WriterStats {
     commits: AtomicU64,
     batches_retried: AtomicU64,
+    races: AtomicU64,
 }
 
 impl WriterStats {
@@ -204,20 +229,25 @@ impl WriterStats {
     pub fn batches_retried(&self) -> u64 {
         self.batches_retried.load(Ordering::Relaxed)
     }
+
+    /// Transactions that lost a race with another writer and ran again.
+    pub fn races(&self) -> u64 {
+        self.races.load(Ordering::Relaxed)
+    }
 }
 
 /// Runs until every sender is gone or `stop` fires, then returns after
 /// the last commit. Once stopped it takes no more operations (their
 /// callers get UNAVAILABLE) and commits those it had already accepted.
-pub(crate) async fn run(
-    mut conn: SqliteConnection,
+async fn run(
+    mut backend: Box<dyn TxBackend>,
     mut rx: mpsc::Receiver<BoxedOp>,
     stop: CancellationToken,
-    feed: Feed,
-    mut next_seq: i64,
+    listener: Arc<dyn CommitListener>,
     stats: Arc<WriterStats>,
 ) {
-    let mut cache = RunCache::new(NonZeroUsize::new(CACHED_RUNS).expect("non-zero"));
+    let sole = backend.sole_writer();
+    let mut cache = sole.then(|| RunCache::new(NonZeroUsize::new(CACHED_RUNS).expect("non-zero")));
     let mut batch: Vec<BoxedOp> = Vec::with_capacity(MAX_BATCH);
     let mut stopping = false;
     loop {
@@ -233,42 +263,78 @@ pub(crate) async fn run(
         if received == 0 {
             break;
         }
-        match commit(&mut conn, &mut cache, &mut batch, next_seq).await {
-            Ok(events) => {
-                stats.commits.fetch_add(1, Ordering::Relaxed);
-                next_seq += events.len() as i64;
-                feed.publish(events);
-                for op in batch.drain(..) {
-                    op.finish(None);
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, ops = batch.len(), "batch failed; retrying its operations one by one");
-                stats.batches_retried.fetch_add(1, Ordering::Relaxed);
-                for op in batch.drain(..) {
-                    let mut one = vec![op];
-                    match commit(&mut conn, &mut cache, &mut one, next_seq).await {
-                        Ok(events) => {
-                            stats.commits.fetch_add(1, Ordering::Relaxed);
-                            next_seq += events.len() as i64;
-                            feed.publish(events);
-                            if let Some(op) = one.pop() {
-                                op.finish(None)
-                            }
-                        }
-                        Err(e) => {
-                            error!(error = %e, "write failed");
-                            if let Some(op) = one.pop() {
-                                op.finish(Some(Error::Internal(e.to_string())))
-                            }
-                        }
-                    }
-                }
+        if sole {
+            let ops = std::mem::take(&mut batch);
+            commit_group(&mut *backend, cache.as_mut(), ops, &*listener, &stats).await;
+        } else {
+            for group in by_tenant(std::mem::take(&mut batch)) {
+                commit_group(&mut *backend, cache.as_mut(), group, &*listener, &stats).await;
             }
         }
     }
-    if let Err(e) = conn.close().await {
-        warn!(error = %e, "closing the write connection");
+    backend.close().await;
+}
+
+/// Splits operations into one group per tenant (and one for those of no
+/// one tenant), each in the order received.
+fn by_tenant(ops: Vec<BoxedOp>) -> Vec<Vec<BoxedOp>> {
+    let mut groups: Vec<(Option<String>, Vec<BoxedOp>)> = Vec::new();
+    for op in ops {
+        let tenant = op.tenant().map(str::to_owned);
+        match groups.iter_mut().find(|(t, _)| *t == tenant) {
+            Some((_, group)) => group.push(op),
+            None => groups.push((tenant, vec![op])),
+        }
+    }
+    groups.into_iter().map(|(_, g)| g).collect()
+}
+
+/// Commits `ops` in one transaction, running it again while it loses races
+/// with other writers; should it fail otherwise, each operation runs alone
+/// so that one bad operation fails only itself.
+async fn commit_group(
+    backend: &mut dyn TxBackend,
+    mut cache: Option<&mut RunCache>,
+    mut ops: Vec<BoxedOp>,
+    listener: &dyn CommitListener,
+    stats: &WriterStats,
+) {
+    let mut attempt = 0;
+    let failed = loop {
+        match commit(backend, cache.as_deref_mut(), &mut ops).await {
+            Ok(events) => {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                listener.committed(events);
+                for op in ops.drain(..) {
+                    op.finish(None);
+                }
+                return;
+            }
+            Err(e) if backend.is_retryable(&e) && attempt < RACE_RETRIES => {
+                attempt += 1;
+                stats.races.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => break e,
+        }
+    };
+    if ops.len() == 1 {
+        error!(error = %failed, "write failed");
+        if let Some(op) = ops.pop() {
+            op.finish(Some(Error::Internal(failed.to_string())));
+        }
+        return;
+    }
+    warn!(error = %failed, ops = ops.len(), "batch failed; retrying its operations one by one");
+    stats.batches_retried.fetch_add(1, Ordering::Relaxed);
+    for op in ops {
+        Box::pin(commit_group(
+            backend,
+            cache.as_deref_mut(),
+            vec![op],
+            listener,
+            stats,
+        ))
+        .await;
     }
 }
 
@@ -285,17 +351,20 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
 /// Applies `ops` in one transaction and commits it, returning the events
 /// written; on error everything is rolled back.
 async fn commit(
-    conn: &mut SqliteConnection,
-    cache: &mut RunCache,
+    backend: &mut dyn TxBackend,
+    mut cache: Option<&mut RunCache>,
     ops: &mut [BoxedOp],
-    next_seq: i64,
-) -> Result<Vec<Arc<LoggedEvent>>> {
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-    let mut tx = WriteTx::new(conn, cache, next_seq);
+) -> Result<Vec<StoredEvent>> {
+    backend.begin().await?;
+    let tenants: Vec<String> = ops
+        .iter()
+        .filter_map(|op| op.tenant().map(str::to_owned))
+        .collect();
+    let mut tx = WriteTx::new(&mut *backend, cache.as_deref_mut());
     tx.careful = ops.len() == 1;
     // A panic in an operation (or in flushing its writes) fails the
     // transaction like any other error, and the writer carries on.
-    let applied = AssertUnwindSafe(apply_all(&mut tx, ops))
+    let applied = AssertUnwindSafe(apply_all(&mut tx, &tenants, ops))
         .catch_unwind()
         .await;
     let (events, runs) = tx.into_parts();
@@ -305,24 +374,31 @@ async fn commit(
             "a write operation panicked; rolling back"
         );
         // The panic may have come in the middle of updating the cache.
-        cache.clear();
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.clear();
+        }
         Err(Error::Internal("a write operation panicked".into()))
     });
     if let Err(e) = result {
-        rollback(conn).await;
+        backend.rollback().await;
         return Err(e);
     }
-    if let Err(e) = sqlx::query("COMMIT").execute(&mut *conn).await {
-        rollback(conn).await;
-        return Err(e.into());
+    if let Err(e) = backend.commit().await {
+        backend.rollback().await;
+        return Err(e);
     }
-    for (id, run) in runs {
-        cache.put(id, run);
+    if let Some(cache) = cache {
+        for (id, run) in runs {
+            cache.put(id, run);
+        }
     }
     Ok(events)
 }
 
-async fn apply_all(tx: &mut WriteTx<'_>, ops: &mut [BoxedOp]) -> Result<()> {
+async fn apply_all(tx: &mut WriteTx<'_>, tenants: &[String], ops: &mut [BoxedOp]) -> Result<()> {
+    // The tenants' counters are taken before anything of theirs is read.
+    let tenants: Vec<&str> = tenants.iter().map(String::as_str).collect();
+    tx.lock_tenants(&tenants).await?;
     for (i, op) in ops.iter_mut().enumerate() {
         tx.op = i;
         op.apply(tx).await?;
@@ -333,7 +409,7 @@ async fn apply_all(tx: &mut WriteTx<'_>, ops: &mut [BoxedOp]) -> Result<()> {
     loop {
         let rerun = tx.take_rerun();
         if rerun.is_empty() {
-            return Ok(());
+            break;
         }
         tx.careful = true;
         for i in rerun {
@@ -342,13 +418,7 @@ async fn apply_all(tx: &mut WriteTx<'_>, ops: &mut [BoxedOp]) -> Result<()> {
         }
         tx.flush().await?;
     }
-}
-
-async fn rollback(conn: &mut SqliteConnection) {
-    if let Err(e) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
-        // Nothing was open (the failure ended the transaction already).
-        warn!(error = %e, "rollback");
-    }
+    tx.finish().await
 }
 
 /// Faults for tests of the writer's supervision. They are not part of the
@@ -359,7 +429,7 @@ impl Store {
     #[doc(hidden)]
     pub async fn write_then_panic(&self, key_id: String, day: i64) -> Result<()> {
         let counts = Arc::new(vec![(key_id, day, 1)]);
-        self.write(move |tx| {
+        self.write_system(move |tx| {
             let counts = Arc::clone(&counts);
             Box::pin(async move { record_then_panic(tx, &counts).await })
         })
@@ -382,6 +452,10 @@ async fn record_then_panic(tx: &mut WriteTx<'_>, counts: &[(String, i64, i64)]) 
 struct PanicOnAnswer;
 
 impl WriteOp for PanicOnAnswer {
+    fn tenant(&self) -> Option<&str> {
+        None
+    }
+
     fn apply<'a, 'c>(&'a mut self, _tx: &'a mut WriteTx<'c>) -> TxFuture<'a, ()>
     where
         'c: 'a,

@@ -1,5 +1,5 @@
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, OnceLock},
 };
 
@@ -10,12 +10,14 @@ use tokio::sync::watch;
 use super::message::{EventMessage, encode_event};
 
 use crate::{
-    domain::{Event, document::CLIENT_MESSAGE_LIMIT},
+    domain::{EventRecord, document::CLIENT_MESSAGE_LIMIT},
     grpc::{convert, pb},
+    store::{CommitListener, EventBody, EventFormat, EventIds, StoredEvent},
 };
 
-/// An event as the log holds it: its sequence, the ids streams select on,
-/// and the wire form of the event.
+/// An event as streams send it: its sequence in its tenant's log, the ids
+/// streams select on, and the stream message, encoded once for every
+/// subscriber.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoggedEvent {
     pub seq: i64,
@@ -24,9 +26,10 @@ pub struct LoggedEvent {
     pub task_run_id: Option<String>,
     /// The task_id of the execution the event belongs to.
     pub task_id: Option<String>,
-    /// The event decoded, when something needed it: live events are built
-    /// that way; events read back from the log are decoded when a filter
-    /// or an ending looks inside them, or when they are sent.
+    /// The event decoded, when something needed it: events from records
+    /// are built that way; events of the earlier wire encoding read back
+    /// from the log are decoded when a filter or an ending looks inside
+    /// them, or when they are sent.
     event: OnceLock<Readable>,
     /// The stream message carrying the event, encoded once for everyone.
     wire: Bytes,
@@ -35,7 +38,59 @@ pub struct LoggedEvent {
 }
 
 impl LoggedEvent {
-    pub fn new(seq: i64, event: &Event<'_>) -> Self {
+    /// The event as streams send it, from the log's record of it.
+    pub fn from_stored(stored: StoredEvent) -> Self {
+        let StoredEvent {
+            seq,
+            tenant_id,
+            execution_id,
+            task_run_id,
+            task_id,
+            body,
+        } = stored;
+        let record = match body {
+            EventBody::Record(record) => Ok(record),
+            EventBody::Stored {
+                format: EventFormat::Record,
+                bytes,
+            } => EventRecord::decode(&bytes).map(Arc::new),
+            EventBody::Stored {
+                format: EventFormat::LegacyWire,
+                bytes,
+            } => {
+                return Self::from_log(seq, tenant_id, execution_id, task_run_id, task_id, &bytes);
+            }
+            EventBody::Stored {
+                format: EventFormat::Unknown(code),
+                ..
+            } => Err(format!("an event stored in unknown format {code}")),
+        };
+        match record {
+            Ok(record) => {
+                let status = convert::status_event(seq, &record.event());
+                Self::built(seq, tenant_id, execution_id, task_run_id, task_id, status)
+            }
+            Err(e) => {
+                tracing::error!(seq, tenant = %tenant_id, error = %e, "unreadable event in the log; sending a stand-in");
+                let logged = LoggedEvent {
+                    seq,
+                    tenant_id,
+                    execution_id,
+                    task_run_id,
+                    task_id,
+                    event: OnceLock::new(),
+                    wire: Bytes::new(),
+                    payload_start: 0,
+                };
+                let readable = logged.stand_in(None);
+                let _ = logged.event.set(readable);
+                logged
+            }
+        }
+    }
+
+    /// An event just accepted, under sequence `seq`.
+    pub fn new(seq: i64, event: &crate::domain::Event<'_>) -> Self {
         Self::built(
             seq,
             event.resource.tenant_id().to_owned(),
@@ -46,18 +101,13 @@ impl LoggedEvent {
         )
     }
 
-    /// The same event under another sequence number.
-    pub(crate) fn with_seq(&self, seq: i64) -> Self {
-        let mut status_event = self.event().clone();
-        status_event.sequence = seq;
-        Self::built(
-            seq,
-            self.tenant_id.clone(),
-            self.execution_id.clone(),
-            self.task_run_id.clone(),
-            self.task_id.clone(),
-            status_event,
-        )
+    /// The ids streams select the event by.
+    pub fn ids(&self) -> EventIds<'_> {
+        EventIds {
+            tenant_id: &self.tenant_id,
+            execution_id: &self.execution_id,
+            task_run_id: self.task_run_id.as_deref(),
+        }
     }
 
     fn built(
@@ -96,8 +146,8 @@ impl LoggedEvent {
         logged
     }
 
-    /// The encoded StatusEvent, as the log stores it.
-    pub fn payload(&self) -> Bytes {
+    /// The encoded StatusEvent.
+    fn payload(&self) -> Bytes {
         self.wire.slice(self.payload_start..)
     }
 
@@ -116,7 +166,8 @@ impl LoggedEvent {
         self.readable().stand_in.is_some()
     }
 
-    /// An event read back from the log.
+    /// An event the log holds in the earlier encoding: an encoded
+    /// StatusEvent.
     pub fn from_log(
         seq: i64,
         tenant_id: String,
@@ -255,25 +306,37 @@ fn without_data(mut s: pb::State) -> pb::State {
 }
 
 /// Committed events, fanned out to every live subscriber: the latest of
-/// them, bounded by count and by bytes, shared by all. A subscriber that
-/// falls further behind than the feed holds reads from the log instead,
-/// so one that does not read costs only its position.
+/// them, bounded by count and by bytes over all tenants, shared by all,
+/// each tenant's in its log's order. A subscriber that falls further
+/// behind than the feed holds reads from the log instead, so one that does
+/// not read costs only its position.
 #[derive(Debug, Clone)]
 pub struct Feed {
-    ring: Arc<Mutex<Ring>>,
-    /// The latest sequence published; subscribers wait on it. Dropped with
-    /// the last handle, which ends every subscriber.
-    head: Arc<watch::Sender<i64>>,
+    shared: Arc<Mutex<Shared>>,
+    /// Bumped at every publish; subscribers wait on it. Dropped with the
+    /// last handle, which ends every subscriber.
+    version: Arc<watch::Sender<u64>>,
 }
 
 #[derive(Debug)]
-struct Ring {
-    events: VecDeque<Arc<LoggedEvent>>,
+struct Shared {
+    tenants: HashMap<Arc<str>, TenantLog>,
+    /// Every held event's tenant and sequence, oldest first: the order
+    /// events leave in.
+    order: VecDeque<(Arc<str>, i64)>,
     bytes: usize,
+    count: usize,
     max_events: usize,
     max_bytes: usize,
-    /// The highest sequence no longer held.
-    dropped: i64,
+}
+
+/// The latest events of one tenant's log.
+#[derive(Debug, Default)]
+struct TenantLog {
+    events: VecDeque<Arc<LoggedEvent>>,
+    /// The highest sequence not held (every one up to it is in the log
+    /// only); None until the first event arrives.
+    dropped: Option<i64>,
 }
 
 /// What a subscriber gets from the feed.
@@ -290,6 +353,10 @@ pub enum Received {
 /// The default bound on the bytes the feed holds.
 pub const LIVE_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 
+/// How many committed batches wait at most for the feed's encoder; the
+/// writer waits for room beyond that.
+const ENCODER_QUEUE: usize = 1024;
+
 impl Feed {
     /// Holds the latest `max_events` events, within the default bytes.
     pub fn new(max_events: usize) -> Self {
@@ -299,88 +366,175 @@ impl Feed {
     /// Holds the latest events, at most `max_events` of them and at most
     /// `max_bytes` (the newest event is held whatever its size).
     pub fn with_limits(max_events: usize, max_bytes: usize) -> Self {
-        let (head, _) = watch::channel(0);
+        let (version, _) = watch::channel(0);
         Feed {
-            ring: Arc::new(Mutex::new(Ring {
-                events: VecDeque::new(),
+            shared: Arc::new(Mutex::new(Shared {
+                tenants: HashMap::new(),
+                order: VecDeque::new(),
                 bytes: 0,
+                count: 0,
                 max_events: max_events.max(1),
                 max_bytes,
-                dropped: 0,
             })),
-            head: Arc::new(head),
+            version: Arc::new(version),
         }
     }
 
-    pub fn subscribe(&self) -> FeedReceiver {
+    /// Follows `tenant`'s events.
+    pub fn subscribe(&self, tenant: &str) -> FeedReceiver {
         FeedReceiver {
-            ring: Arc::clone(&self.ring),
-            head: self.head.subscribe(),
+            shared: Arc::clone(&self.shared),
+            tenant: tenant.into(),
+            version: self.version.subscribe(),
         }
     }
 
-    /// Called by the writer after commit, in sequence order.
+    /// What the store tells of its commits: events go to a thread of their
+    /// own that encodes each once, for every subscriber, and publishes them
+    /// in the order committed. The thread ends when the store lets go.
+    pub fn listener(&self) -> std::io::Result<Arc<dyn CommitListener>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<StoredEvent>>(ENCODER_QUEUE);
+        let feed = self.clone();
+        std::thread::Builder::new()
+            .name("runledger-feed".into())
+            .spawn(move || {
+                while let Ok(events) = rx.recv() {
+                    let events = events
+                        .into_iter()
+                        .map(|e| Arc::new(LoggedEvent::from_stored(e)))
+                        .collect();
+                    feed.publish(events);
+                }
+            })?;
+        Ok(Arc::new(Encoder { tx }))
+    }
+
+    /// Publishes events, each tenant's in its log's order. An event the
+    /// feed holds already is passed over; one that does not follow the
+    /// tenant's latest leaves a gap, which subscribers behind it read from
+    /// the log.
     pub(crate) fn publish(&self, events: Vec<Arc<LoggedEvent>>) {
-        let Some(last) = events.last().map(|e| e.seq) else {
+        if events.is_empty() {
             return;
-        };
+        }
         {
-            let mut ring = lock(&self.ring);
+            let mut guard = lock(&self.shared);
+            let shared = &mut *guard;
             for e in events {
-                ring.bytes += e.held_bytes();
-                ring.events.push_back(e);
+                let tenant: Arc<str> = match shared.tenants.get_key_value(e.tenant_id.as_str()) {
+                    Some((k, _)) => Arc::clone(k),
+                    None => e.tenant_id.as_str().into(),
+                };
+                let log = shared.tenants.entry(Arc::clone(&tenant)).or_default();
+                let latest = log.events.back().map(|l| l.seq).or(log.dropped);
+                match latest {
+                    Some(latest) if e.seq <= latest => continue,
+                    Some(latest) if e.seq == latest + 1 => {}
+                    _ => {
+                        // A gap (or the tenant's first event): everything
+                        // before it is the log's to give.
+                        for old in log.events.drain(..) {
+                            shared.bytes -= old.held_bytes();
+                            shared.count -= 1;
+                        }
+                        log.dropped = Some(e.seq - 1);
+                    }
+                }
+                shared.bytes += e.held_bytes();
+                shared.count += 1;
+                shared.order.push_back((Arc::clone(&tenant), e.seq));
+                log.events.push_back(e);
             }
-            while ring.events.len() > 1
-                && (ring.events.len() > ring.max_events || ring.bytes > ring.max_bytes)
+            while shared.count > 1
+                && (shared.count > shared.max_events || shared.bytes > shared.max_bytes)
             {
-                if let Some(old) = ring.events.pop_front() {
-                    ring.bytes -= old.held_bytes();
-                    ring.dropped = old.seq;
+                let Some((tenant, seq)) = shared.order.pop_front() else {
+                    break;
+                };
+                let Some(log) = shared.tenants.get_mut(&tenant) else {
+                    continue;
+                };
+                // Gone already if a gap cleared the tenant's events.
+                if log.events.front().is_some_and(|e| e.seq == seq)
+                    && let Some(old) = log.events.pop_front()
+                {
+                    shared.bytes -= old.held_bytes();
+                    shared.count -= 1;
+                    log.dropped = Some(old.seq);
                 }
             }
+            // Entries of events a gap cleared leave with the oldest.
+            while let Some((tenant, seq)) = shared.order.front() {
+                let held = shared
+                    .tenants
+                    .get(tenant)
+                    .is_some_and(|log| log.events.front().is_some_and(|e| e.seq <= *seq));
+                if held {
+                    break;
+                }
+                shared.order.pop_front();
+            }
         }
-        self.head.send_replace(last);
+        self.version.send_modify(|v| *v += 1);
     }
 
     /// The bytes and the number of events held.
     pub fn held(&self) -> (usize, usize) {
-        let ring = lock(&self.ring);
-        (ring.bytes, ring.events.len())
+        let shared = lock(&self.shared);
+        (shared.bytes, shared.count)
     }
 }
 
-fn lock(ring: &Mutex<Ring>) -> std::sync::MutexGuard<'_, Ring> {
-    // The ring is consistent between statements; a panic elsewhere while
+/// Hands committed events to the feed's encoder thread.
+struct Encoder {
+    tx: std::sync::mpsc::SyncSender<Vec<StoredEvent>>,
+}
+
+impl CommitListener for Encoder {
+    fn committed(&self, events: Vec<StoredEvent>) {
+        if !events.is_empty() {
+            // Fails only once the feed is gone, at shutdown.
+            let _ = self.tx.send(events);
+        }
+    }
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    // The feed is consistent between statements; a panic elsewhere while
     // holding the lock leaves nothing half done.
-    ring.lock()
+    shared
+        .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// One subscriber's view of the feed.
+/// One subscriber's view of one tenant's events in the feed.
 #[derive(Debug)]
 pub struct FeedReceiver {
-    ring: Arc<Mutex<Ring>>,
-    head: watch::Receiver<i64>,
+    shared: Arc<Mutex<Shared>>,
+    tenant: Arc<str>,
+    version: watch::Receiver<u64>,
 }
 
 impl FeedReceiver {
-    /// The first event after sequence `after`, once there is one.
+    /// The tenant's first event after sequence `after`, once there is one.
     pub async fn next_after(&mut self, after: i64) -> Received {
         loop {
             // Marked seen before looking, so a publish after the look
             // wakes the wait below.
-            self.head.borrow_and_update();
+            self.version.borrow_and_update();
             {
-                let ring = lock(&self.ring);
-                if ring.dropped > after {
-                    return Received::Lagged;
-                }
-                let i = ring.events.partition_point(|e| e.seq <= after);
-                if let Some(e) = ring.events.get(i) {
-                    return Received::Event(Arc::clone(e));
+                let shared = lock(&self.shared);
+                if let Some(log) = shared.tenants.get(&self.tenant) {
+                    if log.dropped.is_some_and(|d| d > after) {
+                        return Received::Lagged;
+                    }
+                    let i = log.events.partition_point(|e| e.seq <= after);
+                    if let Some(e) = log.events.get(i) {
+                        return Received::Event(Arc::clone(e));
+                    }
                 }
             }
-            if self.head.changed().await.is_err() {
+            if self.version.changed().await.is_err() {
                 return Received::Closed;
             }
         }
@@ -470,7 +624,7 @@ mod tests {
     #[tokio::test]
     async fn the_feed_holds_the_latest_events_within_its_bytes() {
         let feed = Feed::with_limits(1000, 1024 * 1024);
-        let mut rx = feed.subscribe();
+        let mut rx = feed.subscribe("t");
         for seq in 1..=100 {
             feed.publish(vec![event(seq, 64 * 1024)]);
         }
@@ -497,7 +651,7 @@ mod tests {
     #[tokio::test]
     async fn a_subscriber_waits_for_the_next_event_and_ends_with_the_feed() {
         let feed = Feed::new(16);
-        let mut rx = feed.subscribe();
+        let mut rx = feed.subscribe("t");
         let waiting = tokio::spawn(async move {
             let got = rx.next_after(0).await;
             (got, rx)
@@ -508,5 +662,79 @@ mod tests {
         assert!(matches!(got, Received::Event(e) if e.seq == 1));
         drop(feed);
         assert!(matches!(rx.next_after(1).await, Received::Closed));
+    }
+
+    fn event_of(tenant: &str, seq: i64) -> Arc<LoggedEvent> {
+        let status = pb::StatusEvent {
+            sequence: seq,
+            ..Default::default()
+        };
+        Arc::new(LoggedEvent::from_log(
+            seq,
+            tenant.into(),
+            "e".into(),
+            None,
+            None,
+            &status.encode_to_vec(),
+        ))
+    }
+
+    async fn next(rx: &mut FeedReceiver, after: i64) -> Option<i64> {
+        match tokio::time::timeout(std::time::Duration::from_millis(50), rx.next_after(after)).await
+        {
+            Ok(Received::Event(e)) => Some(e.seq),
+            Ok(Received::Lagged) => Some(-1),
+            Ok(Received::Closed) => Some(-2),
+            Err(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn each_tenant_follows_its_own_log() {
+        let feed = Feed::new(100);
+        let mut a = feed.subscribe("a");
+        let mut b = feed.subscribe("b");
+        feed.publish(vec![event_of("a", 1), event_of("b", 1), event_of("a", 2)]);
+        assert_eq!(next(&mut a, 0).await, Some(1));
+        assert_eq!(next(&mut a, 1).await, Some(2));
+        assert_eq!(next(&mut a, 2).await, None, "a has nothing more");
+        assert_eq!(next(&mut b, 0).await, Some(1));
+        assert_eq!(next(&mut b, 1).await, None, "a's events are not b's");
+        // A tenant nobody wrote to waits.
+        let mut c = feed.subscribe("c");
+        assert_eq!(next(&mut c, 0).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_gap_or_a_late_start_sends_subscribers_behind_it_to_the_log() {
+        let feed = Feed::new(100);
+        let mut rx = feed.subscribe("t");
+        // The first event the feed sees is 5: 1..4 are the log's.
+        feed.publish(vec![event_of("t", 5)]);
+        assert_eq!(next(&mut rx, 0).await, Some(-1));
+        assert_eq!(next(&mut rx, 4).await, Some(5));
+        // Held already: passed over.
+        feed.publish(vec![event_of("t", 5), event_of("t", 6)]);
+        assert_eq!(feed.held().1, 2);
+        // 7 and 8 never arrived: 9 starts again, behind it is the log's.
+        feed.publish(vec![event_of("t", 9)]);
+        assert_eq!(feed.held().1, 1);
+        assert_eq!(next(&mut rx, 6).await, Some(-1));
+        assert_eq!(next(&mut rx, 8).await, Some(9));
+    }
+
+    #[tokio::test]
+    async fn the_oldest_events_of_any_tenant_leave_first() {
+        let feed = Feed::new(3);
+        let mut a = feed.subscribe("a");
+        let mut b = feed.subscribe("b");
+        feed.publish(vec![event_of("a", 1), event_of("b", 1), event_of("a", 2)]);
+        feed.publish(vec![event_of("b", 2)]);
+        assert_eq!(feed.held().1, 3);
+        // a's first event left: a subscriber before it reads the log.
+        assert_eq!(next(&mut a, 0).await, Some(-1));
+        assert_eq!(next(&mut a, 1).await, Some(2));
+        assert_eq!(next(&mut b, 0).await, Some(1));
+        assert_eq!(next(&mut b, 1).await, Some(2));
     }
 }

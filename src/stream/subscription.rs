@@ -205,7 +205,7 @@ impl Subscription {
     async fn read_snapshot_page(&mut self, execution: ExecutionId, after: i64) -> Result<()> {
         let page = self
             .store
-            .task_runs_after(execution, after, self.last)
+            .task_runs_after(self.scope.tenant(), execution, after, self.last)
             .await?;
         let events = page
             .runs
@@ -220,11 +220,11 @@ impl Subscription {
     /// deliver if it is in scope and matches the filter.
     fn take(&mut self, e: &LoggedEvent) -> Option<EventMessage> {
         self.last = e.seq;
-        if !self.scope.matches(e) || !self.filter.matches(e) {
+        if !self.scope.matches(&e.ids()) || !self.filter.matches(e) {
             return None;
         }
         if self.end == End::AtTerminal
-            && self.scope.is_own(e)
+            && self.scope.is_own(&e.ids())
             && convert::is_terminal(e.state_type())
         {
             self.end = End::Terminal(e.seq);
@@ -242,6 +242,7 @@ impl Subscription {
         self.check_retention().await?;
         let mut passed_all = true;
         for e in page.events {
+            let e = LoggedEvent::from_stored(e);
             if let End::After(seq) = self.end
                 && e.seq > seq
             {
@@ -280,7 +281,12 @@ impl Subscription {
                 .store
                 .events_after(&run, after, LOG_PAGE, LOG_PAGE_BYTES)
                 .await?;
-            let (page, full) = (page.events, page.full);
+            let full = page.full;
+            let page: Vec<LoggedEvent> = page
+                .events
+                .into_iter()
+                .map(LoggedEvent::from_stored)
+                .collect();
             // No retention check: a delete old enough to be pruned is not
             // looked for; the stream ends where it is.
             match last_word(&page) {
@@ -298,7 +304,7 @@ impl Subscription {
     /// a read from there may have a hole.
     async fn check_retention(&self) -> Result<()> {
         let position = self.last;
-        let compacted = self.store.compacted_seq().await?;
+        let compacted = self.store.compacted_seq(self.scope.tenant()).await?;
         if compacted > position {
             return Err(Error::OutOfRange(format!(
                 "sequence {position} is older than the event log's retention; the oldest sequence still held is {}",

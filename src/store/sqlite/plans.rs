@@ -26,7 +26,10 @@ async fn hot_queries_use_indexes() {
         .filename(dir.path().join("plans.db"))
         .create_if_missing(true);
     let mut conn = SqliteConnection::connect_with(&options).await.unwrap();
-    sqlx::migrate!("./migrations").run(&mut conn).await.unwrap();
+    sqlx::migrate!("./migrations/sqlite")
+        .run(&mut conn)
+        .await
+        .unwrap();
 
     let page = Page::new(50, "").unwrap();
     let next = Page {

@@ -7,14 +7,14 @@ pub(crate) const TASK_RUN_BY_ID: &str =
 pub(crate) const STATES_OF_RUN: &str = "SELECT rowid, doc FROM states \
      WHERE tenant_id = ? AND run_id = ? AND rowid > ? ORDER BY rowid LIMIT ?";
 pub(crate) const TASK_RUNS_OF_EXECUTION: &str = "SELECT doc, last_seq FROM task_runs \
-     WHERE execution_id = ? AND last_seq > ? AND last_seq <= ? ORDER BY last_seq LIMIT ?";
-pub(crate) const EVENTS_OF_TENANT: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload \
+     WHERE tenant_id = ? AND execution_id = ? AND last_seq > ? AND last_seq <= ? ORDER BY last_seq LIMIT ?";
+pub(crate) const EVENTS_OF_TENANT: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, format, payload \
      FROM events WHERE tenant_id = ? AND seq > ? ORDER BY seq LIMIT ?";
-pub(crate) const EVENTS_OF_EXECUTION: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload \
+pub(crate) const EVENTS_OF_EXECUTION: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, format, payload \
      FROM events WHERE tenant_id = ? AND execution_id = ? AND seq > ? ORDER BY seq LIMIT ?";
-pub(crate) const EVENTS_OF_EXECUTION_ONLY: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload \
+pub(crate) const EVENTS_OF_EXECUTION_ONLY: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, format, payload \
      FROM events WHERE tenant_id = ? AND execution_id = ? AND task_run_id IS NULL AND seq > ? ORDER BY seq LIMIT ?";
-pub(crate) const EVENTS_OF_TASK_RUN: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, payload \
+pub(crate) const EVENTS_OF_TASK_RUN: &str = "SELECT seq, tenant_id, execution_id, task_run_id, task_id, format, payload \
      FROM events WHERE tenant_id = ? AND task_run_id = ? AND seq > ? ORDER BY seq LIMIT ?";
 pub(crate) const EXECUTION_BY_REQUEST_ID: &str =
     "SELECT id, doc, request_hash FROM executions WHERE tenant_id = ? AND request_id = ?";
@@ -38,7 +38,10 @@ pub(crate) const EXPIRED_PAUSED_TASK_RUNS: &str =
 pub(crate) const CACHE_ENTRY: &str =
     "SELECT output, expiration FROM cache_entries WHERE tenant_id = ? AND cache_key = ?";
 pub(crate) const FIRST_EVENT_KEPT: &str =
-    "SELECT seq FROM events WHERE occurred_at >= ? ORDER BY seq LIMIT 1";
+    "SELECT seq FROM events WHERE tenant_id = ? AND occurred_at >= ? ORDER BY seq LIMIT 1";
+/// The latest sequence given out to a tenant.
+pub(crate) const HEAD_OF_TENANT: &str =
+    "SELECT COALESCE((SELECT head FROM tenant_heads WHERE tenant_id = ?), 0)";
 pub(crate) const EXPIRED_CACHE_ENTRIES: &str = "DELETE FROM cache_entries WHERE expiration <= ?";
 pub(crate) const CREATE_CLOSED_RUNS: &str =
     "CREATE TEMP TABLE IF NOT EXISTS closed_runs (id TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID";
@@ -51,11 +54,11 @@ pub(crate) const CREATE_CLOSED_RUNS: &str =
 /// long as retention keeps their events.
 pub(crate) const CLOSED_RUNS_IN_RANGE: &str = "INSERT OR IGNORE INTO temp.closed_runs (id) \
      SELECT id FROM executions WHERE id IN \
-         (SELECT execution_id FROM events WHERE seq > ?1 AND seq <= ?2) \
+         (SELECT execution_id FROM events WHERE tenant_id = ?3 AND seq > ?1 AND seq <= ?2) \
        AND last_seq <= ?2 AND (state_type IN (4, 6) OR deleted_at IS NOT NULL) \
      UNION ALL \
      SELECT id FROM task_runs WHERE id IN \
-         (SELECT task_run_id FROM events WHERE seq > ?1 AND seq <= ?2) \
+         (SELECT task_run_id FROM events WHERE tenant_id = ?3 AND seq > ?1 AND seq <= ?2) \
        AND last_seq <= ?2 AND (state_type IN (4, 6) OR deleted_at IS NOT NULL)";
 /// The history rows of closed runs, but for each run's current state.
 pub(crate) const PRUNE_CLOSED_STATES: &str = "DELETE FROM states \
