@@ -7,6 +7,7 @@
 pub mod app;
 pub mod bench;
 pub mod config;
+pub mod database_url;
 pub mod domain;
 mod error;
 pub mod grpc;
