@@ -14,7 +14,7 @@ use crate::{
         ConfigOverrides, ConfigProfile, ErrorInfo, ExecutionId, NewExecution, NewTaskRun,
         RetryPolicy, StateDetails, StateId, StateProposal, StateType, TaskRunId, Violations, json,
     },
-    orchestration::rules::{Payload, Proposal},
+    orchestration::rules::{self, Payload, Proposal},
     store::{ExecutionFilter, HistoryPage, Page, TaskRunFilter},
 };
 
@@ -191,7 +191,7 @@ fn state_create(
 fn initial_state(s: Option<pb::StateCreate>, v: &mut Violations) -> Option<StateProposal> {
     s.as_ref()?;
     let p = state_create("initial_state", s, v)?;
-    if p.state_type == StateType::Cancelling {
+    if !rules::may_start_in(p.state_type) {
         v.add("initial_state.type", "a run cannot start CANCELLING");
     }
     Some(p)
@@ -340,7 +340,7 @@ pub(crate) fn proposal(r: SetState, v: &mut Violations) -> Option<Proposal> {
     };
     let to = state.as_ref().map(|s| s.state_type);
     let output = r.output.as_ref().and_then(|o| json_value("output", o, v));
-    if output.is_some() && to.is_some_and(|t| t != StateType::Completed) {
+    if output.is_some() && to.is_some_and(|t| !rules::may_carry_output(t)) {
         v.add("output", "only allowed when state.type is COMPLETED");
     }
     let error = r.error.map(|e| ErrorInfo {
@@ -357,7 +357,7 @@ pub(crate) fn proposal(r: SetState, v: &mut Violations) -> Option<Proposal> {
             .check("error.traceback", check_chars(e.traceback, 0, 100_000))
             .unwrap_or_default(),
     });
-    if error.is_some() && to.is_some_and(|t| !matches!(t, StateType::Failed | StateType::Crashed)) {
+    if error.is_some() && to.is_some_and(|t| !rules::may_carry_error(t)) {
         v.add("error", "only allowed when state.type is FAILED or CRASHED");
     }
     Some(Proposal {

@@ -11,9 +11,9 @@ use super::rules::{self, CacheEntry, Context, Decision, Payload, Proposal, Statu
 use crate::{
     Error, Result,
     domain::{
-        Caller, EffectiveConfig, ErrorInfo, Event, EventKind, Execution, ExecutionId, NewExecution,
-        NewTaskRun, Resource, RunCore, SYSTEM_ACTOR, State, StateProposal, StateType, TaskRun,
-        TaskRunId, Timestamp, Violations, document, json, prefix, quote,
+        Caller, EffectiveConfig, Event, EventKind, Execution, ExecutionId, NewExecution,
+        NewTaskRun, Resource, RunCore, SYSTEM_ACTOR, State, TaskRun, TaskRunId, Timestamp,
+        document, json,
         template::{self, Resolution, Upstream},
     },
     store::{Cursor, ExecutionFilter, HistoryPage, Page, Store, TaskRunFilter, WriteTx},
@@ -219,19 +219,14 @@ impl Ledger {
                 let caller = caller.clone();
                 Box::pin(async move {
                     let (mut run, exec) = load_task_run(tx, &caller, id).await?;
-                    let st = run.run.state.state_type;
-                    if !matches!(st, StateType::Completed | StateType::Failed) {
-                        return Err(Error::FailedPrecondition(format!(
-                            "task run {id} is {}; only a COMPLETED or FAILED task run can be marked stale",
-                            prefix(&run.run.state.name)
-                        )));
-                    }
+                    rules::check_may_mark_stale(id, &run.run.state)?;
                     if !run.stale {
                         run.stale = true;
                         let now = tx.now();
                         run.run.updated_at = now;
                         run.run.updated_by = caller.name.clone();
-                        commit_update(tx, &run, EventKind::Updated, exec.task_id.as_deref()).await?;
+                        commit_update(tx, &run, EventKind::Updated, exec.task_id.as_deref())
+                            .await?;
                     }
                     Ok(run)
                 })
@@ -329,22 +324,10 @@ async fn create_execution(
             .execution_by_request_id(&caller.tenant_id, request_id)
             .await?
     {
-        return if Some(hash.as_str()) == fingerprint {
-            Ok((existing, false))
-        } else {
-            Err(Error::AlreadyExists(format!(
-                "request_id {} was already used for execution {} with a different request",
-                quote(request_id),
-                existing.id
-            )))
-        };
+        return rules::repeated_request(request_id, existing, &hash, fingerprint);
     }
     let now = tx.now();
-    let initial = new
-        .initial_state
-        .clone()
-        .unwrap_or_else(|| StateProposal::of_type(StateType::Pending))
-        .into_state(now);
+    let initial = rules::initial_state(new.initial_state.as_ref(), now);
     let execution = Execution {
         id: ExecutionId::new(),
         tenant_id: caller.tenant_id.clone(),
@@ -360,7 +343,7 @@ async fn create_execution(
         request_id: new.request_id.clone(),
         run: RunCore::new(initial, &caller.name),
     };
-    let field = largest(&[
+    let field = rules::largest(&[
         ("input", json::struct_len(&execution.input)),
         ("initial_state", document::state_bytes(&execution.run.state)),
     ]);
@@ -407,11 +390,7 @@ async fn create_task_run(
         None => next_dynamic_key(tx, &exec.tenant_id, exec.id, &new.task_key).await?,
     };
     let now = tx.now();
-    let initial = new
-        .initial_state
-        .clone()
-        .unwrap_or_else(|| StateProposal::of_type(StateType::Pending))
-        .into_state(now);
+    let initial = rules::initial_state(new.initial_state.as_ref(), now);
     let id = TaskRunId::new();
     let run = TaskRun {
         id,
@@ -440,7 +419,7 @@ async fn create_task_run(
         stale: false,
         run: RunCore::new(initial, &caller.name),
     };
-    let field = largest(&[
+    let field = rules::largest(&[
         ("input", json::encoded_len(&run.input)),
         ("initial_state", document::state_bytes(&run.run.state)),
     ]);
@@ -450,51 +429,25 @@ async fn create_task_run(
     Ok((run, true))
 }
 
-/// Whether `exec` takes this new task run (not finished, not cancelling,
-/// not deleted, with a parent in the same execution and within its
-/// max_depth), and at which depth.
+/// Whether `exec` takes this new task run, and at which depth (see
+/// `rules::check_takes_task_runs` and `rules::task_run_depth`); the parent
+/// is read only for an execution that takes task runs.
 async fn may_add_task_run(
     tx: &mut WriteTx<'_>,
     tenant: &str,
     exec: &Execution,
     new: &NewTaskRun,
 ) -> Result<i32> {
-    let exec_state = exec.run.state.state_type;
-    if exec_state.is_terminal() || exec_state == StateType::Cancelling {
-        return Err(Error::FailedPrecondition(format!(
-            "execution {} is {}; it takes no new task runs",
-            exec.id,
-            prefix(&exec.run.state.name)
-        )));
-    }
-    if exec.run.deleted_at.is_some() {
-        return Err(Error::FailedPrecondition(format!(
-            "execution {} is deleted",
-            exec.id
-        )));
-    }
-    let depth = match new.parent_task_run_id {
-        None => 1,
+    rules::check_takes_task_runs(exec)?;
+    let parent = match new.parent_task_run_id {
+        None => None,
         Some(parent_id) => {
-            let parent = tx
-                .task_run(tenant, parent_id)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("parent task run {parent_id} not found")))?;
-            if parent.execution_id != exec.id {
-                return Err(Error::FailedPrecondition(format!(
-                    "parent task run {parent_id} belongs to another execution"
-                )));
-            }
-            parent.depth + 1
+            let found = tx.task_run(tenant, parent_id).await?;
+            let missing = || Error::NotFound(format!("parent task run {parent_id} not found"));
+            Some(found.ok_or_else(missing)?)
         }
     };
-    if depth > exec.max_depth {
-        return Err(Error::FailedPrecondition(format!(
-            "a task run at depth {depth} exceeds the execution's max_depth of {}",
-            exec.max_depth
-        )));
-    }
-    Ok(depth)
+    rules::task_run_depth(exec, parent.as_ref())
 }
 
 /// The smallest free zero-based index at or above the count of the task
@@ -677,22 +630,16 @@ async fn set_task_run_state(
         exec.task_id.as_deref(),
     )
     .await?;
-    // Rule 8's other half: a completed result with a cache key is cached
-    // (a result that came from the cache is already there).
-    let state = &outcome.run.run.state;
-    if outcome.changed && state.state_type == StateType::Completed && state.name != rules::CACHED {
-        let details = &proposal.state.details;
-        if let Some(key) = details.cache_key.as_ref().or(run.cache_key.as_ref()) {
-            let expiration = details.cache_expiration.or(run.cache_expiration);
-            tx.put_cache_entry(
-                &caller.tenant_id,
-                key,
-                run.id,
-                run.run.output.as_ref(),
-                expiration,
-            )
-            .await?;
-        }
+    // Rule 8's other half: a completed result with a cache key is cached.
+    if let Some(write) = rules::cache_write(outcome.changed, &proposal.state, &run) {
+        tx.put_cache_entry(
+            &caller.tenant_id,
+            write.key,
+            run.id,
+            run.run.output.as_ref(),
+            write.expiration,
+        )
+        .await?;
     }
     Ok(outcome)
 }
@@ -711,13 +658,10 @@ async fn task_context(
         jitter: rand::random::<f64>(),
         ..TaskContext::default()
     };
-    if proposal.state.state_type != StateType::Running || proposal.force {
+    if !rules::needs_task_lookups(proposal) {
         return Ok(task);
     }
-    let details = &proposal.state.details;
-    if !details.refresh_cache
-        && let Some(key) = details.cache_key.as_ref().or(run.cache_key.as_ref())
-    {
+    if let Some(key) = rules::cache_key_to_read(&proposal.state, run) {
         task.cache = tx
             .cache_entry(&caller.tenant_id, key)
             .await?
@@ -728,16 +672,10 @@ async fn task_context(
     if !keys.is_empty() {
         task.templates = Some(match upstreams(tx, run, keys).await? {
             Some(upstreams) => {
-                let room = resolution_room(run, &proposal.state, keys_len);
+                let room = rules::resolution_room(run, &proposal.state, keys_len);
                 template::resolve(&run.input, &upstreams, json::MAX_ENCODED_BYTES.min(room))
             }
-            None => Resolution::Failed {
-                message: format!(
-                    "the outputs of the task runs this input references are larger than {} \
-                     bytes together",
-                    template::MAX_UPSTREAM_BYTES
-                ),
-            },
+            None => rules::upstreams_too_large(),
         });
     }
     Ok(task)
@@ -785,23 +723,6 @@ async fn upstreams(
     Ok(Some(upstreams))
 }
 
-/// How many encoded bytes the resolved input may take so that the run,
-/// RUNNING in `next` with it and its upstream ids, still fits in a response.
-fn resolution_room(run: &TaskRun, next: &StateProposal, keys: usize) -> usize {
-    let earlier = run
-        .resolved_input
-        .as_ref()
-        .map_or(0, |v| json::encoded_len(v) + 7)
-        + run.task_inputs.len() * 40;
-    let next_state =
-        document::state_parts_bytes(&next.name, &next.message, &next.data, &next.details);
-    let others = run.document_bytes() - earlier - document::state_bytes(&run.run.state)
-        + 2 * next_state
-        + keys * 40
-        + 7;
-    document::MAX_RUN_BYTES.saturating_sub(others)
-}
-
 async fn cancel_execution(
     tx: &mut WriteTx<'_>,
     caller: &Caller,
@@ -809,20 +730,15 @@ async fn cancel_execution(
     reason: &str,
 ) -> Result<Execution> {
     let mut exec = load_execution(tx, caller, id).await?;
+    rules::check_cancellable(id, &exec.run.state)?;
     let st = exec.run.state.state_type;
-    if st.is_terminal() {
-        return Err(Error::FailedPrecondition(format!(
-            "execution {id} is already {}; only a run that has not ended can be cancelled",
-            prefix(&exec.run.state.name)
-        )));
-    }
     let now = tx.now();
     let task_id = exec.task_id.clone();
     // Task runs first, so that the execution's own (possibly terminal)
     // event is the last a stream of it delivers.
     for mut run in tx.task_runs_of(&caller.tenant_id, id).await? {
         if let Some(target) = rules::cancel_target(st, run.run.state.state_type) {
-            let next = cancel_state(target, reason, now);
+            let next = rules::cancel_state(target, reason, now);
             commit_transition(
                 tx,
                 &mut run,
@@ -836,7 +752,7 @@ async fn cancel_execution(
         }
     }
     if let Some(target) = rules::cancel_target(st, st) {
-        let next = cancel_state(target, reason, now);
+        let next = rules::cancel_state(target, reason, now);
         commit_transition(
             tx,
             &mut exec,
@@ -851,12 +767,6 @@ async fn cancel_execution(
     Ok(exec)
 }
 
-fn cancel_state(target: StateType, reason: &str, now: Timestamp) -> State {
-    let mut p = StateProposal::of_type(target);
-    p.message = reason.to_owned();
-    p.into_state(now)
-}
-
 async fn resume_execution(
     tx: &mut WriteTx<'_>,
     caller: &Caller,
@@ -864,34 +774,9 @@ async fn resume_execution(
     run_input: &Map<String, Value>,
 ) -> Result<Execution> {
     let mut exec = load_execution(tx, caller, id).await?;
-    let state = &exec.run.state;
-    if state.state_type != StateType::Paused {
-        return Err(Error::FailedPrecondition(format!(
-            "execution {id} is {}, not PAUSED; only a PAUSED run can be resumed",
-            prefix(&state.name)
-        )));
-    }
+    rules::check_resumable(id, &exec.run.state)?;
     let now = tx.now();
-    if state.details.pause_timeout.is_some_and(|t| t <= now) {
-        return Err(Error::FailedPrecondition(format!(
-            "execution {id}'s pause has timed out"
-        )));
-    }
-    let missing: Vec<&str> = state
-        .details
-        .run_input_keyset
-        .keys()
-        .filter(|k| !run_input.contains_key(*k))
-        .map(String::as_str)
-        .collect();
-    if !missing.is_empty() {
-        return Err(Error::InvalidArgument(Violations::single(
-            "run_input",
-            format!("missing keys: {}", key_list(&missing)),
-        )));
-    }
-    let mut next = StateProposal::of_type(StateType::Running);
-    next.data = Some(Value::Object(run_input.clone()));
+    let next = rules::resume_state(id, &exec.run.state, run_input, now)?;
     let task_id = exec.task_id.clone();
     commit_transition(
         tx,
@@ -904,28 +789,6 @@ async fn resume_execution(
     )
     .await?;
     Ok(exec)
-}
-
-/// How many characters of quoted keys a message lists before it only
-/// counts the rest.
-const MAX_LISTED_KEY_CHARS: usize = 500;
-
-/// `keys` quoted, comma-separated, as many as fit in
-/// [`MAX_LISTED_KEY_CHARS`], then how many more there are.
-fn key_list(keys: &[&str]) -> String {
-    let mut out = String::new();
-    for (i, key) in keys.iter().enumerate() {
-        let quoted = quote(key);
-        if i > 0 && out.len() + quoted.len() + 2 > MAX_LISTED_KEY_CHARS {
-            out.push_str(&format!(" and {} more", keys.len() - i));
-            break;
-        }
-        if i > 0 {
-            out.push_str(", ");
-        }
-        out.push_str(&quoted);
-    }
-    out
 }
 
 /// How many timed-out pauses one sweep handles; the next sweep does more.
@@ -948,8 +811,8 @@ async fn expire_pauses(tx: &mut WriteTx<'_>) -> Result<usize> {
         commit_transition(
             tx,
             &mut exec,
-            pause_timeout_state(now),
-            pause_timeout_error(),
+            rules::pause_timeout_state(now),
+            rules::pause_timeout_payload(),
             SYSTEM_ACTOR,
             task_id.as_deref(),
             None,
@@ -969,8 +832,8 @@ async fn expire_pauses(tx: &mut WriteTx<'_>) -> Result<usize> {
         commit_transition(
             tx,
             &mut run,
-            pause_timeout_state(now),
-            pause_timeout_error(),
+            rules::pause_timeout_state(now),
+            rules::pause_timeout_payload(),
             SYSTEM_ACTOR,
             exec.task_id.as_deref(),
             None,
@@ -979,23 +842,6 @@ async fn expire_pauses(tx: &mut WriteTx<'_>) -> Result<usize> {
         n += 1;
     }
     Ok(n)
-}
-
-fn pause_timeout_state(now: Timestamp) -> State {
-    let mut p = StateProposal::of_type(StateType::Failed).named(rules::PAUSE_TIMEOUT);
-    p.message = "the pause timed out before the run was resumed".into();
-    p.into_state(now)
-}
-
-fn pause_timeout_error() -> Payload {
-    Payload {
-        output: None,
-        error: Some(ErrorInfo {
-            message: "the pause timed out before the run was resumed".into(),
-            error_type: rules::PAUSE_TIMEOUT.into(),
-            traceback: String::new(),
-        }),
-    }
 }
 
 /// Rule 11 for a change the rules allowed or the server made: bookkeeping,
@@ -1056,49 +902,9 @@ async fn commit_update<R: Tracked>(
 }
 
 /// Refuses a run that, with its state sent once more beside it, would not
-/// fit in a message a client accepts.
+/// fit in a message a client accepts (see `rules::check_fits`).
 fn ensure_fits<R: Tracked>(run: &R, field: &str) -> Result<()> {
-    let bytes = document::with_state(run.document_bytes(), &run.core().state);
-    if bytes > document::MAX_RUN_BYTES {
-        return Err(Error::InvalidArgument(Violations::single(
-            field,
-            format!(
-                "the {} would take about {bytes} bytes with this, more than the {} a response may carry; send less",
-                run.kind(),
-                document::MAX_RUN_BYTES
-            ),
-        )));
-    }
-    Ok(())
-}
-
-/// The name of the largest part, to name in a refusal.
-fn largest<'a>(parts: &[(&'a str, usize)]) -> &'a str {
-    parts
-        .iter()
-        .max_by_key(|(_, n)| *n)
-        .map_or("state", |(name, _)| name)
-}
-
-/// The field of a state change request that adds the most to a run.
-fn largest_in(proposal: &Proposal) -> &'static str {
-    let s = &proposal.state;
-    let error = proposal.payload.error.as_ref();
-    largest(&[
-        (
-            "state",
-            document::state_parts_bytes(&s.name, &s.message, &s.data, &s.details),
-        ),
-        (
-            "output",
-            proposal
-                .payload
-                .output
-                .as_ref()
-                .map_or(0, json::encoded_len),
-        ),
-        ("error", error.map_or(0, document::error_bytes)),
-    ])
+    rules::check_fits(run.kind(), run.document_bytes(), &run.core().state, field)
 }
 
 /// Applies the rules to a proposal for `run` and records what they decide.
@@ -1129,17 +935,8 @@ async fn transition<R: Tracked + Clone>(
     }
     let decision = rules::decide(&run.core().state, proposal, ctx);
     let status = decision.status();
-    let (reason, retry_after) = match &decision {
-        Decision::Accept => (String::new(), None),
-        Decision::Reject { reason }
-        | Decision::Abort { reason }
-        | Decision::Redirect { reason, .. } => (reason.clone(), None),
-        Decision::Wait {
-            reason,
-            retry_after,
-        } => (reason.clone(), Some(*retry_after)),
-    };
-    let field = largest_in(proposal);
+    let (reason, retry_after) = (decision.reason().to_owned(), decision.retry_after());
+    let field = rules::largest_in(proposal);
     let changed = match decision {
         Decision::Accept => {
             let next = rules::next_state(&run.core().state, &proposal.state, ctx.now);
