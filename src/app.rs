@@ -267,7 +267,7 @@ impl App {
         // The services hold what the authenticator needs from here on.
         drop(auth);
 
-        info!(%addr, tls = config.tls_cert.is_some(), database = %config.database_url(), "runledger listening");
+        info!(%addr, tls = config.tls_cert.is_some(), database = %crate::database_url::redacted(&config.database_url()), "runledger listening");
         let grace = config.shutdown_grace;
         let served = tokio::select! {
             r = server => r,

@@ -300,9 +300,12 @@ impl Config {
     }
 }
 
-/// A database URL from a URL or a plain path.
+/// A database URL from a URL or a plain path (a SQLite file).
 pub fn database_url(database: &str) -> String {
-    if database.starts_with("sqlite:") {
+    if database.starts_with("sqlite:")
+        || database.starts_with("postgres://")
+        || database.starts_with("postgresql://")
+    {
         database.to_owned()
     } else {
         format!("sqlite://{database}")

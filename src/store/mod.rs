@@ -8,6 +8,7 @@ mod backend;
 mod batch;
 mod fit;
 mod page;
+mod postgres;
 mod rows;
 mod sqlite;
 mod writer;
@@ -278,8 +279,21 @@ impl Store {
         durability: Durability,
         listener: Arc<dyn CommitListener>,
     ) -> Result<(Store, WriterTask), OpenError> {
-        let opened = sqlite::open(url, durability).await?;
-        let path = sqlite::path_of(url);
+        let (opened, path) = match crate::database_url::backend(url) {
+            Ok(crate::database_url::Backend::Sqlite) => {
+                (sqlite::open(url, durability).await?, sqlite::path_of(url))
+            }
+            Ok(crate::database_url::Backend::Postgres) => {
+                let shown = std::path::PathBuf::from(crate::database_url::redacted(url));
+                (postgres::open(url).await?, shown)
+            }
+            Err(e) => {
+                return Err(OpenError::new(
+                    crate::database_url::redacted(url),
+                    OpenCause::Url(e.to_string()),
+                ));
+            }
+        };
         let (tx, rx) = mpsc::channel(4096);
         let stop_writes = tokio_util::sync::CancellationToken::new();
         let stats = Arc::new(WriterStats::default());
