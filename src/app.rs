@@ -100,6 +100,9 @@ impl App {
             listener_of_commits,
         )
         .await?;
+        if store.is_shared() {
+            feed.set_shared_database();
+        }
         let keys = store.load_keys().await.map_err(StartError::Store)?;
         if !keys.any && !loopback && !config.allow_unauthenticated {
             return Err(StartError::Unauthenticated(config.listen.clone()));
@@ -205,6 +208,16 @@ impl App {
             .build_v1alpha()
             .map_err(|e| StartError::Reflection(e.to_string()))?;
 
+        // On a database other servers write to as well, their commits reach
+        // this server's subscribers through the tailer.
+        let tailer = store.is_shared().then(|| {
+            tokio::spawn(crate::stream::tailer::run(
+                feed.clone(),
+                store.clone(),
+                store.take_signals(),
+                shutdown.clone(),
+            ))
+        });
         let ledger = Ledger::new(store.clone());
         let sweeper = tokio::spawn(crate::orchestration::sweeper::run(
             ledger.clone(),
@@ -277,6 +290,9 @@ impl App {
             }
         };
         shutdown.cancel();
+        if let Some(tailer) = tailer {
+            let _ = tailer.await;
+        }
         let _ = pruner.await;
         let _ = keys.await;
         let _ = sweeper.await;

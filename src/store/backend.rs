@@ -253,6 +253,9 @@ pub(crate) struct Opened {
     /// Held for as long as the writer runs (a lock that keeps other
     /// servers off a database only one may serve).
     pub guard: Option<Box<dyn std::any::Any + Send>>,
+    /// Word of commits other servers make to the same database, for a
+    /// backend several servers share.
+    pub signals: Option<tokio::sync::mpsc::Receiver<super::CommitSignal>>,
     /// Work beside the writer (SQLite's checkpoints), run on the writer's
     /// thread until the writer ends.
     pub beside: Option<Box<dyn FnOnce(tokio::sync::oneshot::Receiver<()>) -> BesideFuture + Send>>,

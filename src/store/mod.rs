@@ -237,6 +237,10 @@ pub struct Store {
     stop_writes: tokio_util::sync::CancellationToken,
     stats: Arc<WriterStats>,
     read_stats: Arc<ReadStats>,
+    /// Taken by the one who follows other servers' commits.
+    signals: Arc<std::sync::Mutex<Option<mpsc::Receiver<CommitSignal>>>>,
+    /// Whether other servers may write to the database too.
+    shared: bool,
 }
 
 /// Counts of reads of the event log, readable while the service runs.
@@ -261,6 +265,17 @@ pub struct LogPage {
     /// The tenant log's head as the read saw it: when the page is not
     /// full, the scope has no event after the page's up to this sequence.
     pub head: i64,
+}
+
+/// Word that a tenant's log has grown, from a database several servers
+/// share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitSignal {
+    /// The tenant's log reaches at least this sequence.
+    Head { tenant: String, head: i64 },
+    /// Word may have been missed (the connection that hears it dropped):
+    /// every tenant's head should be read again.
+    Resync,
 }
 
 /// Hears of the events each transaction wrote, once it has committed, in
@@ -308,6 +323,7 @@ impl Store {
         )
         .await
         .map_err(|e| OpenError::new(&path, OpenCause::Writer(e.to_string())))?;
+        let shared = opened.signals.is_some();
         Ok((
             Store {
                 reads: opened.reads,
@@ -315,9 +331,28 @@ impl Store {
                 stop_writes,
                 stats,
                 read_stats: Arc::default(),
+                signals: Arc::new(std::sync::Mutex::new(opened.signals)),
+                shared,
             },
             writer,
         ))
+    }
+
+    /// Whether other servers may write to the database too: then this
+    /// server's commits are not all there is, and [`Store::take_signals`]
+    /// tells of the others'.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Word of commits to the database by any server, for the one who
+    /// follows them (None once taken, or for a database only this server
+    /// writes).
+    pub fn take_signals(&self) -> Option<mpsc::Receiver<CommitSignal>> {
+        self.signals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Counts of the writer's work.

@@ -316,6 +316,9 @@ pub struct Feed {
     /// Bumped at every publish; subscribers wait on it. Dropped with the
     /// last handle, which ends every subscriber.
     version: Arc<watch::Sender<u64>>,
+    /// Wakes the tailer: a tenant gained its first subscriber, or this
+    /// server committed events the feed could not take in order.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug)]
@@ -328,6 +331,13 @@ struct Shared {
     count: usize,
     max_events: usize,
     max_bytes: usize,
+    /// Whether other servers write to the database too: then events
+    /// committed here join the feed only where they follow what it holds,
+    /// and the tailer reads the rest from the log.
+    shared_database: bool,
+    /// Tenants whose events committed here did not follow what the feed
+    /// held, with the latest such sequence: for the tailer.
+    behind: HashMap<String, i64>,
 }
 
 /// The latest events of one tenant's log.
@@ -337,6 +347,15 @@ struct TenantLog {
     /// The highest sequence not held (every one up to it is in the log
     /// only); None until the first event arrives.
     dropped: Option<i64>,
+    /// Subscribers following the tenant.
+    receivers: usize,
+}
+
+impl TenantLog {
+    /// The latest sequence the feed has taken in, if any.
+    fn latest(&self) -> Option<i64> {
+        self.events.back().map(|l| l.seq).or(self.dropped)
+    }
 }
 
 /// What a subscriber gets from the feed.
@@ -375,18 +394,123 @@ impl Feed {
                 count: 0,
                 max_events: max_events.max(1),
                 max_bytes,
+                shared_database: false,
+                behind: HashMap::new(),
             })),
             version: Arc::new(version),
+            wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
     /// Follows `tenant`'s events.
     pub fn subscribe(&self, tenant: &str) -> FeedReceiver {
+        let tenant: Arc<str> = tenant.into();
+        let first = {
+            let mut shared = lock(&self.shared);
+            let log = shared.tenants.entry(Arc::clone(&tenant)).or_default();
+            log.receivers += 1;
+            log.receivers == 1
+        };
+        if first {
+            self.wake.notify_one();
+        }
         FeedReceiver {
             shared: Arc::clone(&self.shared),
-            tenant: tenant.into(),
+            tenant,
             version: self.version.subscribe(),
         }
+    }
+
+    /// Takes in events committed here only where they follow what the feed
+    /// holds, leaving the rest to the tailer: for a database other servers
+    /// write to too.
+    pub fn set_shared_database(&self) {
+        lock(&self.shared).shared_database = true;
+    }
+
+    /// Tenants with subscribers, with the latest sequence the feed has of
+    /// each (None: none yet).
+    pub(crate) fn followed(&self) -> Vec<(String, Option<i64>)> {
+        lock(&self.shared)
+            .tenants
+            .iter()
+            .filter(|(_, log)| log.receivers > 0)
+            .map(|(t, log)| (t.to_string(), log.latest()))
+            .collect()
+    }
+
+    /// The latest sequence the feed has of `tenant`.
+    pub(crate) fn latest(&self, tenant: &str) -> Option<i64> {
+        lock(&self.shared)
+            .tenants
+            .get(tenant)
+            .and_then(TenantLog::latest)
+    }
+
+    /// Starts `tenant`'s part of the feed after `head`, if it has none yet:
+    /// everything up to `head` is the log's to give.
+    pub(crate) fn start_at(&self, tenant: &str, head: i64) {
+        let mut shared = lock(&self.shared);
+        let log = shared.tenants.entry(tenant.into()).or_default();
+        if log.latest().is_none() {
+            log.dropped = Some(head);
+        }
+    }
+
+    /// Tenants whose events committed here the feed could not take in
+    /// order, with the latest sequence of those.
+    pub(crate) fn take_behind(&self) -> HashMap<String, i64> {
+        std::mem::take(&mut lock(&self.shared).behind)
+    }
+
+    /// Resolves when the tailer has something to look at.
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    /// Events committed by this server, in each tenant's order: published,
+    /// or on a shared database left to the tailer where they do not follow
+    /// what the feed holds of their tenant (other servers' events may come
+    /// between) or where nobody follows their tenant.
+    fn committed_here(&self, events: Vec<Arc<LoggedEvent>>) {
+        let events = {
+            let mut guard = lock(&self.shared);
+            let shared = &mut *guard;
+            if !shared.shared_database {
+                events
+            } else {
+                let mut taken = Vec::with_capacity(events.len());
+                let mut latest: HashMap<String, Option<i64>> = HashMap::new();
+                let mut woke = false;
+                for e in events {
+                    let known = latest.entry(e.tenant_id.clone()).or_insert_with(|| {
+                        shared
+                            .tenants
+                            .get(e.tenant_id.as_str())
+                            .filter(|log| log.receivers > 0)
+                            .map(|log| log.latest().unwrap_or(i64::MIN))
+                    });
+                    match known {
+                        // Nobody follows the tenant here.
+                        None => {}
+                        Some(l) if *l == e.seq - 1 => {
+                            *l = e.seq;
+                            taken.push(e);
+                        }
+                        Some(_) => {
+                            let b = shared.behind.entry(e.tenant_id.clone()).or_default();
+                            *b = (*b).max(e.seq);
+                            woke = true;
+                        }
+                    }
+                }
+                if woke {
+                    self.wake.notify_one();
+                }
+                taken
+            }
+        };
+        self.publish(events);
     }
 
     /// What the store tells of its commits: events go to a thread of their
@@ -403,7 +527,7 @@ impl Feed {
                         .into_iter()
                         .map(|e| Arc::new(LoggedEvent::from_stored(e)))
                         .collect();
-                    feed.publish(events);
+                    feed.committed_here(events);
                 }
             })?;
         Ok(Arc::new(Encoder { tx }))
@@ -426,8 +550,7 @@ impl Feed {
                     None => e.tenant_id.as_str().into(),
                 };
                 let log = shared.tenants.entry(Arc::clone(&tenant)).or_default();
-                let latest = log.events.back().map(|l| l.seq).or(log.dropped);
-                match latest {
+                match log.latest() {
                     Some(latest) if e.seq <= latest => continue,
                     Some(latest) if e.seq == latest + 1 => {}
                     _ => {
@@ -513,6 +636,15 @@ pub struct FeedReceiver {
     shared: Arc<Mutex<Shared>>,
     tenant: Arc<str>,
     version: watch::Receiver<u64>,
+}
+
+impl Drop for FeedReceiver {
+    fn drop(&mut self) {
+        let mut shared = lock(&self.shared);
+        if let Some(log) = shared.tenants.get_mut(&self.tenant) {
+            log.receivers = log.receivers.saturating_sub(1);
+        }
+    }
 }
 
 impl FeedReceiver {
@@ -736,5 +868,33 @@ mod tests {
         assert_eq!(next(&mut a, 1).await, Some(2));
         assert_eq!(next(&mut b, 0).await, Some(1));
         assert_eq!(next(&mut b, 1).await, Some(2));
+    }
+
+    #[tokio::test]
+    async fn on_a_shared_database_events_committed_here_join_only_in_order() {
+        let feed = Feed::new(100);
+        feed.set_shared_database();
+        // Nobody follows the tenant: nothing is kept, nothing is asked for.
+        feed.committed_here(vec![event_of("t", 1)]);
+        assert_eq!(feed.held().1, 0);
+        assert!(feed.take_behind().is_empty());
+
+        let mut rx = feed.subscribe("t");
+        assert_eq!(feed.followed(), [("t".to_owned(), None)]);
+        // The tailer starts the tenant at its head.
+        feed.start_at("t", 3);
+        // 4 follows: taken in at once.
+        feed.committed_here(vec![event_of("t", 4)]);
+        assert_eq!(next(&mut rx, 3).await, Some(4));
+        // 6 does not (another server's 5 comes first): left to the tailer.
+        feed.committed_here(vec![event_of("t", 6)]);
+        assert_eq!(next(&mut rx, 4).await, None);
+        assert_eq!(feed.take_behind(), HashMap::from([("t".to_owned(), 6)]));
+        // What the tailer reads from the log joins in order.
+        feed.publish(vec![event_of("t", 5), event_of("t", 6)]);
+        assert_eq!(next(&mut rx, 4).await, Some(5));
+        assert_eq!(next(&mut rx, 5).await, Some(6));
+        drop(rx);
+        assert!(feed.followed().is_empty());
     }
 }

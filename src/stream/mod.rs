@@ -6,6 +6,7 @@ mod feed;
 mod filter;
 mod message;
 mod subscription;
+pub mod tailer;
 
 pub use feed::{Feed, FeedReceiver, LIVE_BUFFER_BYTES, LoggedEvent, Received};
 pub use filter::EventFilter;

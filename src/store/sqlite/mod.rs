@@ -102,6 +102,7 @@ pub(crate) async fn open(url: &str, durability: Durability) -> Result<Opened, Op
         reads: Arc::new(SqliteReads { pool: read }),
         writer: Box::new(tx::SqliteTx::new(conn)),
         guard: lock.map(|l| Box::new(l) as Box<dyn std::any::Any + Send>),
+        signals: None,
         beside: Some(Box::new(move |stop| {
             Box::pin(checkpoint(checkpointer, stop))
         })),
