@@ -670,6 +670,12 @@ pub fn pause_timed_out(state: &State, now: Timestamp) -> bool {
     state.details.pause_timeout.is_some_and(|t| t <= now)
 }
 
+/// Pause timeout: whether the sweeper fails a run in `state` now: it is
+/// PAUSED and its pause has timed out.
+pub fn pause_expired(state: &State, now: Timestamp) -> bool {
+    state.state_type == StateType::Paused && pause_timed_out(state, now)
+}
+
 const PAUSE_TIMEOUT_MESSAGE: &str = "the pause timed out before the run was resumed";
 
 /// Pause timeout: the state a run whose pause timed out is failed with.
@@ -1531,6 +1537,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_sweeper_fails_only_a_paused_run_whose_pause_has_timed_out() {
+        let later = T0.checked_add(Duration::from_secs(10)).unwrap();
+        let s = paused(&[], Some(later));
+        assert!(!pause_expired(&s, T0));
+        assert!(pause_expired(&s, later));
+        // Resumed (or failed) since it was found: left alone.
+        for t in StateType::ALL {
+            let mut other = s.clone();
+            other.state_type = t;
+            assert_eq!(pause_expired(&other, later), t == StateType::Paused);
+        }
+        assert!(!pause_expired(&paused(&[], None), later));
     }
 
     #[test]

@@ -235,10 +235,44 @@ impl Ledger {
     }
 
     /// Fails PAUSED runs whose pause timed out; returns how many.
+    ///
+    /// The candidates are found first; then each tenant's are failed in a
+    /// transaction of that tenant, which looks at each run again: on a
+    /// database several servers share, another server's sweeper (or a
+    /// client's resume) may have got there first, and a run is failed once.
     pub async fn expire_pauses(&self) -> Result<usize> {
-        self.store
-            .write_system(|tx| Box::pin(async move { expire_pauses(tx).await }))
-            .await
+        let now = Timestamp::now();
+        let (executions, task_runs) = self
+            .store
+            .write_system(move |tx| Box::pin(tx.expired_pauses(now, SWEEP_LIMIT)))
+            .await?;
+        let mut by_tenant: BTreeMap<String, (Vec<ExecutionId>, Vec<TaskRunId>)> = BTreeMap::new();
+        for (tenant, id) in executions {
+            if let Ok(id) = ExecutionId::parse(&id) {
+                by_tenant.entry(tenant).or_default().0.push(id);
+            }
+        }
+        for (tenant, id) in task_runs {
+            if let Ok(id) = TaskRunId::parse(&id) {
+                by_tenant.entry(tenant).or_default().1.push(id);
+            }
+        }
+        let mut n = 0;
+        for (tenant, runs) in by_tenant {
+            let runs = Arc::new(runs);
+            let system = Caller {
+                tenant_id: tenant.clone(),
+                name: SYSTEM_ACTOR.into(),
+            };
+            n += self
+                .store
+                .write(&tenant, move |tx| {
+                    let (runs, system) = (Arc::clone(&runs), system.clone());
+                    Box::pin(async move { expire_pauses(tx, &system, &runs.0, &runs.1).await })
+                })
+                .await?;
+        }
+        Ok(n)
     }
 
     pub async fn execution(&self, caller: &Caller, id: ExecutionId) -> Result<(Execution, i64)> {
@@ -794,19 +828,23 @@ async fn resume_execution(
 /// How many timed-out pauses one sweep handles; the next sweep does more.
 const SWEEP_LIMIT: i64 = 256;
 
-async fn expire_pauses(tx: &mut WriteTx<'_>) -> Result<usize> {
+/// Fails the runs among these whose pause has timed out by now, as they
+/// are in this transaction; returns how many.
+async fn expire_pauses(
+    tx: &mut WriteTx<'_>,
+    system: &Caller,
+    executions: &[ExecutionId],
+    task_runs: &[TaskRunId],
+) -> Result<usize> {
     let now = tx.now();
-    let (executions, task_runs) = tx.expired_pauses(now, SWEEP_LIMIT).await?;
     let mut n = 0;
-    for (tenant, id) in executions {
-        let system = Caller {
-            tenant_id: tenant,
-            name: SYSTEM_ACTOR.into(),
-        };
-        let Ok(id) = ExecutionId::parse(&id) else {
+    for id in executions {
+        let Some(mut exec) = tx.execution(&system.tenant_id, *id).await? else {
             continue;
         };
-        let mut exec = load_execution(tx, &system, id).await?;
+        if !rules::pause_expired(&exec.run.state, now) {
+            continue;
+        }
         let task_id = exec.task_id.clone();
         commit_transition(
             tx,
@@ -820,15 +858,14 @@ async fn expire_pauses(tx: &mut WriteTx<'_>) -> Result<usize> {
         .await?;
         n += 1;
     }
-    for (tenant, id) in task_runs {
-        let system = Caller {
-            tenant_id: tenant,
-            name: SYSTEM_ACTOR.into(),
-        };
-        let Ok(id) = TaskRunId::parse(&id) else {
+    for id in task_runs {
+        let Some(mut run) = tx.task_run(&system.tenant_id, *id).await? else {
             continue;
         };
-        let (mut run, exec) = load_task_run(tx, &system, id).await?;
+        if !rules::pause_expired(&run.run.state, now) {
+            continue;
+        }
+        let (_, exec) = load_task_run(tx, system, *id).await?;
         commit_transition(
             tx,
             &mut run,
