@@ -114,7 +114,7 @@ impl App {
             loopback || config.allow_unauthenticated,
             grpc::limits::Limits::new(day, counted),
             config.clock.clone(),
-            Some(store.clone()),
+            Some(Ledger::new(store.clone())),
             config.max_streams_per_key,
         );
         if auth.is_open() {
@@ -224,7 +224,7 @@ impl App {
             config.pause_sweep_interval,
             shutdown.clone(),
         ));
-        let streams = grpc::Streams {
+        let streams = crate::stream::Streams {
             ledger,
             feed,
             shutdown: shutdown.clone(),

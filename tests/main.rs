@@ -8,6 +8,7 @@ mod helpers;
 mod access;
 mod history;
 mod idempotency;
+mod layering;
 mod ledger;
 mod lists;
 mod orchestration;

@@ -6,6 +6,7 @@ mod event;
 pub mod execution;
 mod ids;
 pub mod json;
+pub mod page;
 mod run;
 mod state;
 pub mod task_run;

@@ -31,7 +31,7 @@ use super::limits::{Clock, Limits};
 use crate::{
     domain::Caller,
     keys::{ActiveKey, KeySet},
-    store::Store,
+    orchestration::Ledger,
 };
 
 /// The tenant of a server running without API keys.
@@ -62,7 +62,7 @@ pub struct Authenticator {
     limits: Arc<Mutex<Limits>>,
     clock: Clock,
     /// Where keys made since the last reload are found.
-    store: Option<Store>,
+    ledger: Option<Ledger>,
     /// Recent answers from the database, by secret hash: the key, or none.
     looked_up: Arc<Mutex<LruCache<String, Answer>>>,
     lookups: Arc<Semaphore>,
@@ -71,13 +71,13 @@ pub struct Authenticator {
 
 impl Authenticator {
     /// `limits` starts from the requests already counted today; a key not
-    /// among `keys` is looked up in `store` before it is refused.
+    /// among `keys` is looked up in the ledger before it is refused.
     pub fn new(
         keys: KeySet,
         open_allowed: bool,
         limits: Limits,
         clock: Clock,
-        store: Option<Store>,
+        ledger: Option<Ledger>,
         max_streams_per_key: u32,
     ) -> Self {
         Authenticator {
@@ -86,7 +86,7 @@ impl Authenticator {
             used: Arc::default(),
             limits: Arc::new(Mutex::new(limits)),
             clock,
-            store,
+            ledger,
             looked_up: Arc::new(Mutex::new(LruCache::new(LOOKUP_CACHE))),
             lookups: Arc::new(Semaphore::new(CONCURRENT_LOOKUPS)),
             streams: StreamSlots {
@@ -169,7 +169,7 @@ impl Authenticator {
         {
             return Ok(Some(key.clone()));
         }
-        let Some(store) = &self.store else {
+        let Some(ledger) = &self.ledger else {
             return Ok(None);
         };
         if !crate::keys::looks_like_secret(secret) {
@@ -187,7 +187,7 @@ impl Authenticator {
         if let Some(answer) = self.remembered(hash) {
             return Ok(answer);
         }
-        let answer = store.find_key(hash).await.map_err(Status::from)?;
+        let answer = ledger.find_key(hash).await.map_err(Status::from)?;
         if answer.is_some() {
             // The database has keys now: calls without one are refused.
             self.keys.write().unwrap_or_else(|e| e.into_inner()).any = true;

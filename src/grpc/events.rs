@@ -4,9 +4,9 @@ use tracing::instrument;
 use super::{
     auth::caller,
     pb, requests,
-    streams::{self, EventStream, Streams},
+    streams::{self, EventStream},
 };
-use crate::domain::Violations;
+use crate::{domain::Violations, stream::Streams};
 
 /// runledger.v1.EventService.
 #[derive(Debug, Clone)]

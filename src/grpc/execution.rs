@@ -5,11 +5,12 @@ use super::{
     auth::caller,
     convert, pb,
     requests::{self, SetState},
-    streams::{self, EventStream, Streams},
+    streams::{self, EventStream},
 };
 use crate::{
     domain::{Violations, execution::check_chars},
     orchestration::{Ledger, rules::Status as Outcome},
+    stream::Streams,
 };
 
 /// runledger.v1.ExecutionService.

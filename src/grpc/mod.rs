@@ -15,7 +15,6 @@ mod task_run;
 
 pub use events::EventApi;
 pub use execution::ExecutionApi;
-pub(crate) use streams::Streams;
 pub use task_run::TaskRunApi;
 
 /// Code generated from `proto/runledger/v1`.

@@ -9,13 +9,13 @@ use serde_json::{Map, Value};
 use super::{convert, pb};
 use crate::{
     domain::execution::{MAX_NAME_CHARS, MAX_TASK_ID_CHARS, check_chars, check_string_map},
+    domain::page::{ExecutionFilter, HistoryPage, Page, TaskRunFilter},
     domain::task_run::{MAX_CACHE_KEY_CHARS, MAX_KEY_CHARS, MAX_TAG_CHARS, MAX_TAGS},
     domain::{
         ConfigOverrides, ConfigProfile, ErrorInfo, ExecutionId, NewExecution, NewTaskRun,
         RetryPolicy, StateDetails, StateId, StateProposal, StateType, TaskRunId, Violations, json,
     },
     orchestration::rules::{self, Payload, Proposal},
-    store::{ExecutionFilter, HistoryPage, Page, TaskRunFilter},
 };
 
 const MAX_MESSAGE_CHARS: usize = 10_000;

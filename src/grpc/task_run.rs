@@ -7,9 +7,9 @@ use super::{
     execution::set_state_status,
     pb,
     requests::{self, SetState},
-    streams::{self, EventStream, Streams},
+    streams::{self, EventStream},
 };
-use crate::{domain::Violations, orchestration::Ledger};
+use crate::{domain::Violations, orchestration::Ledger, stream::Streams};
 
 /// runledger.v1.TaskRunService.
 #[derive(Debug, Clone)]

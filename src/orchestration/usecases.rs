@@ -275,6 +275,11 @@ impl Ledger {
         Ok(n)
     }
 
+    /// The API key in force with this secret hash.
+    pub async fn find_key(&self, hash: &str) -> Result<Option<crate::keys::ActiveKey>> {
+        self.store.find_key(hash).await
+    }
+
     pub async fn execution(&self, caller: &Caller, id: ExecutionId) -> Result<(Execution, i64)> {
         // Reads from the pool see committed data only.
         self.store

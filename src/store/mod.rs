@@ -7,7 +7,6 @@
 mod backend;
 mod batch;
 mod fit;
-mod page;
 mod postgres;
 mod rows;
 mod sqlite;
@@ -17,8 +16,10 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+pub use crate::domain::page::{
+    Cursor, DEFAULT_PAGE_SIZE, ExecutionFilter, HistoryPage, MAX_PAGE_SIZE, Page, TaskRunFilter,
+};
 pub use batch::WriteTx;
-pub use page::{Cursor, DEFAULT_PAGE_SIZE, HistoryPage, MAX_PAGE_SIZE, Page};
 pub use sqlite::{OpenCause, OpenError};
 pub(crate) use writer::TxFuture;
 pub use writer::{WriterStats, WriterStopped, WriterTask};
@@ -28,9 +29,7 @@ const PRUNE_EVENTS_PER_TRANSACTION: i64 = 20_000;
 
 use crate::{
     Error, Result,
-    domain::{
-        EventRecord, Execution, ExecutionId, State, StateType, TaskRun, TaskRunId, Timestamp,
-    },
+    domain::{EventRecord, Execution, ExecutionId, State, TaskRun, TaskRunId, Timestamp},
 };
 
 /// How hard a commit tries to reach the disk.
@@ -43,30 +42,6 @@ pub enum Durability {
     /// WAL with synchronous=FULL: an acknowledged write also survives a
     /// power loss or OS crash.
     Power,
-}
-
-/// Which executions a list returns.
-#[derive(Debug, Clone, Default)]
-pub struct ExecutionFilter {
-    pub task_id: Option<String>,
-    pub state_types: Vec<StateType>,
-    pub metadata: Vec<(String, String)>,
-    pub created_after: Option<Timestamp>,
-    pub created_before: Option<Timestamp>,
-    pub show_deleted: bool,
-}
-
-/// Which task runs a list returns.
-#[derive(Debug, Clone, Default)]
-pub struct TaskRunFilter {
-    pub execution_id: Option<ExecutionId>,
-    pub task_key: Option<String>,
-    pub state_types: Vec<StateType>,
-    pub labels: Vec<(String, String)>,
-    pub created_after: Option<Timestamp>,
-    pub created_before: Option<Timestamp>,
-    pub show_deleted: bool,
-    pub stale: Option<bool>,
 }
 
 /// Which part of the log a stream reads: the same scope selects the rows

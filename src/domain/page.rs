@@ -1,10 +1,35 @@
-//! Keyset pagination: a page token names the last row of the previous page
-//! (its creation time and id), so later pages stay exact while rows are
-//! inserted.
+//! What a list asks for: filters, and keyset pagination: a page token
+//! names the last row of the previous page (its creation time and id), so
+//! later pages stay exact while rows are inserted.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
+use super::{ExecutionId, StateType, Timestamp};
 use crate::Result;
+
+/// Which executions a list returns.
+#[derive(Debug, Clone, Default)]
+pub struct ExecutionFilter {
+    pub task_id: Option<String>,
+    pub state_types: Vec<StateType>,
+    pub metadata: Vec<(String, String)>,
+    pub created_after: Option<Timestamp>,
+    pub created_before: Option<Timestamp>,
+    pub show_deleted: bool,
+}
+
+/// Which task runs a list returns.
+#[derive(Debug, Clone, Default)]
+pub struct TaskRunFilter {
+    pub execution_id: Option<ExecutionId>,
+    pub task_key: Option<String>,
+    pub state_types: Vec<StateType>,
+    pub labels: Vec<(String, String)>,
+    pub created_after: Option<Timestamp>,
+    pub created_before: Option<Timestamp>,
+    pub show_deleted: bool,
+    pub stale: Option<bool>,
+}
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 1000;
