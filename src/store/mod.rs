@@ -256,8 +256,16 @@ pub enum CommitSignal {
 /// Hears of the events each transaction wrote, once it has committed, in
 /// the order of each tenant's log.
 pub trait CommitListener: Send + Sync + 'static {
-    fn committed(&self, events: Vec<StoredEvent>);
+    /// `answer` answers the transaction's callers: the listener calls it
+    /// once subscribers can have the events (and must call it in any
+    /// case), so that a caller who hears its write succeeded finds its
+    /// event already on the way to every subscriber. The writer meanwhile
+    /// goes on with the next transaction.
+    fn committed(&self, events: Vec<StoredEvent>, answer: Answer);
 }
+
+/// Answers the callers of a committed transaction.
+pub type Answer = Box<dyn FnOnce() + Send>;
 
 impl Store {
     /// Opens (creating and migrating if needed) the database at `url` and

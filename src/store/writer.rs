@@ -304,10 +304,14 @@ async fn commit_group(
         match commit(backend, cache.as_deref_mut(), &mut ops).await {
             Ok(events) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
-                listener.committed(events);
-                for op in ops.drain(..) {
-                    op.finish(None);
-                }
+                listener.committed(
+                    events,
+                    Box::new(move || {
+                        for op in ops {
+                            op.finish(None);
+                        }
+                    }),
+                );
                 return;
             }
             Err(e) if backend.is_retryable(&e) && attempt < RACE_RETRIES => {

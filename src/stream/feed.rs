@@ -12,7 +12,7 @@ use super::message::{EventMessage, encode_event};
 use crate::{
     domain::{EventRecord, document::CLIENT_MESSAGE_LIMIT},
     grpc::{convert, pb},
-    store::{CommitListener, EventBody, EventFormat, EventIds, StoredEvent},
+    store::{Answer, CommitListener, EventBody, EventFormat, EventIds, StoredEvent},
 };
 
 /// An event as streams send it: its sequence in its tenant's log, the ids
@@ -517,17 +517,26 @@ impl Feed {
     /// own that encodes each once, for every subscriber, and publishes them
     /// in the order committed. The thread ends when the store lets go.
     pub fn listener(&self) -> std::io::Result<Arc<dyn CommitListener>> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<StoredEvent>>(ENCODER_QUEUE);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<StoredEvent>, Answer)>(ENCODER_QUEUE);
         let feed = self.clone();
         std::thread::Builder::new()
             .name("runledger-feed".into())
             .spawn(move || {
-                while let Ok(events) = rx.recv() {
-                    let events = events
-                        .into_iter()
-                        .map(|e| Arc::new(LoggedEvent::from_stored(e)))
-                        .collect();
-                    feed.committed_here(events);
+                while let Ok((events, answer)) = rx.recv() {
+                    // A defect in one batch's events costs subscribers those
+                    // events (they lag to the log), never the callers'
+                    // answers or the feed itself.
+                    let published = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let events = events
+                            .into_iter()
+                            .map(|e| Arc::new(LoggedEvent::from_stored(e)))
+                            .collect();
+                        feed.committed_here(events);
+                    }));
+                    if published.is_err() {
+                        tracing::error!("publishing committed events panicked");
+                    }
+                    answer();
                 }
             })?;
         Ok(Arc::new(Encoder { tx }))
@@ -608,16 +617,21 @@ impl Feed {
     }
 }
 
-/// Hands committed events to the feed's encoder thread.
+/// Hands committed events to the feed's encoder thread, which answers
+/// the callers once it has published them.
 struct Encoder {
-    tx: std::sync::mpsc::SyncSender<Vec<StoredEvent>>,
+    tx: std::sync::mpsc::SyncSender<(Vec<StoredEvent>, Answer)>,
 }
 
 impl CommitListener for Encoder {
-    fn committed(&self, events: Vec<StoredEvent>) {
-        if !events.is_empty() {
-            // Fails only once the feed is gone, at shutdown.
-            let _ = self.tx.send(events);
+    fn committed(&self, events: Vec<StoredEvent>, answer: Answer) {
+        if events.is_empty() {
+            answer();
+            return;
+        }
+        // Fails only once the feed is gone, at shutdown: answer anyway.
+        if let Err(std::sync::mpsc::SendError((_, answer))) = self.tx.send((events, answer)) {
+            answer();
         }
     }
 }
@@ -898,3 +912,4 @@ mod tests {
         assert!(feed.followed().is_empty());
     }
 }
+

@@ -59,6 +59,60 @@ pub struct Subscription {
     /// The run's own snapshot event, held back until the task runs whose
     /// latest events came before it have been delivered.
     held: Option<pb::StatusEvent>,
+    /// The page of the log after the one being delivered, being read.
+    ahead: Option<Ahead>,
+}
+
+/// A page of the log read and made ready to send.
+#[derive(Debug)]
+struct ReadyPage {
+    events: Vec<LoggedEvent>,
+    full: bool,
+    head: i64,
+}
+
+async fn read_page(store: Store, scope: LogScope, after: i64) -> Result<ReadyPage> {
+    let page = store
+        .events_after(&scope, after, LOG_PAGE, LOG_PAGE_BYTES)
+        .await?;
+    Ok(ReadyPage {
+        events: page
+            .events
+            .into_iter()
+            .map(LoggedEvent::from_stored)
+            .collect(),
+        full: page.full,
+        head: page.head,
+    })
+}
+
+/// The read of the next page, ahead of need; stopped if not needed.
+#[derive(Debug)]
+struct Ahead {
+    after: i64,
+    task: tokio::task::JoinHandle<Result<ReadyPage>>,
+}
+
+impl Ahead {
+    fn start(store: &Store, scope: &LogScope, after: i64) -> Self {
+        Ahead {
+            after,
+            task: tokio::spawn(read_page(store.clone(), scope.clone(), after)),
+        }
+    }
+
+    async fn page(mut self) -> Result<ReadyPage> {
+        match (&mut self.task).await {
+            Ok(page) => page,
+            Err(e) => Err(Error::Internal(format!("reading the log ahead: {e}"))),
+        }
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl Subscription {
@@ -90,6 +144,7 @@ impl Subscription {
             done: false,
             snapshot_rest: None,
             held: None,
+            ahead: None,
         }
     }
 
@@ -232,17 +287,25 @@ impl Subscription {
         Some(e.message())
     }
 
+    /// Reads the next page of the log. While a full page is delivered, the
+    /// page after it is read and made ready beside it (one page ahead, on
+    /// another worker), so that a subscriber catching up waits neither for
+    /// the database nor for turning records into messages in turn.
     async fn read_log_page(&mut self) -> Result<()> {
-        let page = self
-            .store
-            .events_after(&self.scope, self.last, LOG_PAGE, LOG_PAGE_BYTES)
-            .await?;
+        let page = match self.ahead.take() {
+            Some(ahead) if ahead.after == self.last => ahead.page().await?,
+            _ => read_page(self.store.clone(), self.scope.clone(), self.last).await?,
+        };
+        if page.full
+            && let Some(last) = page.events.last()
+        {
+            self.ahead = Some(Ahead::start(&self.store, &self.scope, last.seq));
+        }
         // Checked after the read: if retention removed anything past our
         // position, the page may have a hole.
         self.check_retention().await?;
         let mut passed_all = true;
         for e in page.events {
-            let e = LoggedEvent::from_stored(e);
             if let End::After(seq) = self.end
                 && e.seq > seq
             {
