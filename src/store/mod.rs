@@ -1,14 +1,15 @@
 //! Storage: the ledger's runs, history and event log, behind one seam
-//! (`backend`) with a SQLite implementation (`sqlite`). Reads go to the
-//! backend's read connections; every write goes through the writer, which
-//! commits the operations waiting at one moment together (see `writer`
-//! and `batch`). The store speaks in domain types only.
+//! (`backend`) with a SQLite implementation (`sqlite`, one server per
+//! database) and a PostgreSQL one (`postgres`, servers sharing it). Reads
+//! go to the backend's read connections; every write goes through the
+//! writer, which commits the operations waiting at one moment together
+//! (see `writer` and `batch`). The store speaks in domain types only.
 
 mod backend;
 mod batch;
 mod fit;
 mod page;
-mod postgres;
+pub(crate) mod postgres;
 mod rows;
 mod sqlite;
 mod writer;
@@ -19,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use batch::WriteTx;
 pub use page::{Cursor, DEFAULT_PAGE_SIZE, HistoryPage, MAX_PAGE_SIZE, Page};
+pub use postgres::EVENTS_CHANNEL;
 pub use sqlite::{OpenCause, OpenError};
 pub(crate) use writer::TxFuture;
 pub use writer::{WriterStats, WriterStopped, WriterTask};
