@@ -11,6 +11,7 @@ mod idempotency;
 mod ledger;
 mod lists;
 mod orchestration;
+mod pg_ledger;
 mod postgres;
 mod quiet_streams;
 mod readme;
