@@ -581,6 +581,90 @@ async fn each_tenant_numbers_its_events_densely_while_two_servers_write_at_once(
 }
 
 #[tokio::test]
+async fn two_servers_sweeping_time_each_pause_out_once() {
+    let sweep = |c: &mut Config| c.pause_sweep_interval = Duration::from_millis(5);
+    let a = spawn_app_on_postgres(sweep).await;
+    let b = spawn_on_database(Arc::clone(&a.db), sweep).await;
+    const RUNS: usize = 12;
+    let soon = std::time::SystemTime::now() + Duration::from_millis(300);
+    let soon = prost_types::Timestamp::from(soon);
+    let mut ids = Vec::new();
+    for i in 0..RUNS {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let e = running_execution_via(&mut app.executions.clone(), "paused").await;
+        let r = app
+            .executions
+            .clone()
+            .set_execution_state(pb::SetExecutionStateRequest {
+                id: e.id.clone(),
+                state: Some(pb::StateCreate {
+                    r#type: Paused as i32,
+                    details: Some(pb::StateDetails {
+                        pause_timeout: Some(soon),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, pb::SetStateStatus::Accept as i32, "{r:?}");
+        ids.push(e.id);
+    }
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let paused = list_executions(
+                &a,
+                pb::ListExecutionsRequest {
+                    state_types: vec![Paused as i32],
+                    ..Default::default()
+                },
+            )
+            .await;
+            if paused.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every pause times out");
+    // Let any late sweep finish before counting.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for id in &ids {
+        let history: Vec<i32> = a
+            .task_runs
+            .clone()
+            .list_states(pb::ListStatesRequest {
+                execution_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .states
+            .iter()
+            .map(|s| s.r#type)
+            .collect();
+        assert_eq!(
+            history,
+            [Pending, Running, Paused, Failed].map(|t| t as i32),
+            "{id}"
+        );
+    }
+    let mut conn = a.db.connect().await;
+    let events = (RUNS * 4) as i64;
+    assert_eq!(
+        logged_seqs(&mut conn, OPEN_TENANT).await,
+        (1..=events).collect::<Vec<_>>()
+    );
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test]
 async fn a_stream_resumes_after_the_sequence_it_names() {
     let app = spawn_app_on_postgres(|_| {}).await;
     let exec = create_execution(&app).await;
@@ -675,6 +759,54 @@ async fn writes_and_reads_go_on_after_the_servers_connections_are_ended() {
     let moved = set_execution_state(&app, &second.id, Running).await;
     assert_eq!(moved.status, pb::SetStateStatus::Accept as i32, "{moved:?}");
     assert_eq!(logged_seqs(&mut admin, OPEN_TENANT).await, [1, 2, 3, 4]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn while_the_database_refuses_connections_calls_are_unavailable_and_then_served_again() {
+    let app = spawn_app_on_postgres(|_| {}).await;
+    let exec = create_execution(&app).await;
+    // On the server's own database: one may not close the current one.
+    let mut admin = <PgConnection as sqlx::Connection>::connect(app.db.server())
+        .await
+        .unwrap();
+    let allow = |on: bool| {
+        // The name is made of [a-z0-9_] alone.
+        sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS {on}",
+            app.db.name()
+        ))
+    };
+    sqlx::query(allow(false)).execute(&mut admin).await.unwrap();
+    terminate_other_connections(&mut admin, &app.db).await;
+
+    let write = app
+        .executions
+        .clone()
+        .set_execution_state(pb::SetExecutionStateRequest {
+            id: exec.id.clone(),
+            state: state(Running),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(write.code(), Code::Unavailable, "{write:?}");
+    let read = app
+        .executions
+        .clone()
+        .get_execution(pb::GetExecutionRequest {
+            id: exec.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(read.code(), Code::Unavailable, "{read:?}");
+
+    sqlx::query(allow(true)).execute(&mut admin).await.unwrap();
+    let moved = set_execution_state(&app, &exec.id, Running).await;
+    assert_eq!(moved.status, pb::SetStateStatus::Accept as i32, "{moved:?}");
+    assert_eq!(state_of(&get_execution(&app, &exec.id).await), Running);
+    let mut conn = app.db.connect().await;
+    assert_eq!(logged_seqs(&mut conn, OPEN_TENANT).await, [1, 2]);
     app.stop().await;
 }
 
@@ -860,13 +992,19 @@ async fn retention_removes_old_events_and_the_history_of_finished_runs() {
 }
 
 /// Runs `runledger keys ...`; returns its exit success, stdout and stderr.
-fn keys_command(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runledger"))
-        .arg("keys")
-        .args(args)
-        .env_remove("RUNLEDGER_DATABASE")
-        .output()
-        .expect("the binary runs");
+/// The test's runtime (which also runs the server) goes on meanwhile.
+async fn keys_command(args: &[&str]) -> (bool, String, String) {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_runledger"))
+            .arg("keys")
+            .args(args)
+            .env_remove("RUNLEDGER_DATABASE")
+            .output()
+            .expect("the binary runs")
+    })
+    .await
+    .unwrap();
     (
         out.status.success(),
         String::from_utf8(out.stdout).unwrap(),
@@ -886,14 +1024,15 @@ async fn the_keys_commands_work_on_postgres_and_the_server_honours_them() {
         "acme",
         "--name",
         "ci",
-    ]);
+    ])
+    .await;
     assert!(ok, "{err}");
     let secret = out.lines().last().unwrap().trim().to_owned();
     assert!(keys::looks_like_secret(&secret), "{out}");
     // Nothing was made on disk for it.
     assert!(!std::path::Path::new(&url).exists());
 
-    let (ok, out, err) = keys_command(&["list", "--database", &url]);
+    let (ok, out, err) = keys_command(&["list", "--database", &url]).await;
     assert!(ok, "{err}");
     let row = out.lines().find(|l| l.contains(" ci ")).expect("listed");
     assert!(row.contains("acme"), "{row}");
@@ -917,7 +1056,7 @@ async fn the_keys_commands_work_on_postgres_and_the_server_honours_them() {
         .unwrap_err();
     assert_eq!(unkeyed.code(), Code::Unauthenticated);
 
-    let (ok, out, err) = keys_command(&["revoke", "--database", &url, "ci"]);
+    let (ok, out, err) = keys_command(&["revoke", "--database", &url, "ci"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("revoked"), "{out}");
     let refused = tokio::time::timeout(WAIT, async {
@@ -988,7 +1127,7 @@ async fn opening_fails_clearly_and_never_shows_the_password() {
     assert!(!message.contains("hunter2"), "{message}");
 
     // The key commands say the same.
-    let (ok, _, err) = keys_command(&["list", "--database", &closed]);
+    let (ok, _, err) = keys_command(&["list", "--database", &closed]).await;
     assert!(!ok);
     assert!(err.contains("does not answer"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");

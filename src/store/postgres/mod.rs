@@ -95,7 +95,8 @@ pub(crate) async fn migrate(url: &str, conn: &mut PgConnection) -> Result<(), Op
 pub(crate) fn open_error(url: &str, e: &sqlx::Error) -> OpenError {
     let said = scrubbed(&message(e), url);
     let cause = match e {
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) => OpenCause::Unreachable(said),
+        sqlx::Error::Io(_) => OpenCause::Unreachable(said),
+        sqlx::Error::Tls(_) => OpenCause::Postgres(format!("TLS: {said}")),
         sqlx::Error::Configuration(_) => OpenCause::Url(said),
         sqlx::Error::Database(d) => match d.code().as_deref() {
             // invalid_password, invalid_authorization_specification
@@ -122,8 +123,11 @@ fn message(e: &sqlx::Error) -> String {
 /// Opens (migrating if needed) the PostgreSQL database at `url`.
 pub(crate) async fn open(url: &str) -> Result<Opened, OpenError> {
     let options = options(url)?;
-    let mut writer = connect(url, &options).await?;
-    migrate(url, &mut writer).await?;
+    let mut conn = connect(url, &options).await?;
+    migrate(url, &mut conn).await?;
+    if let Err(e) = conn.close().await {
+        tracing::warn!(error = %e, "closing the migration's connection");
+    }
     let pool = PgPoolOptions::new()
         .max_connections(READ_CONNECTIONS)
         .min_connections(1)
@@ -133,7 +137,7 @@ pub(crate) async fn open(url: &str) -> Result<Opened, OpenError> {
         .map_err(|e| open_error(url, &e))?;
     Ok(Opened {
         reads: Arc::new(PgReads { pool }),
-        writer: Box::new(tx::PgTx::new(writer, options, url)),
+        writer: Box::new(tx::PgTx::new(options, url)),
         guard: None,
         beside: None,
     })
@@ -152,7 +156,8 @@ impl ReadBackend for PgReads {
             .bind(tenant)
             .bind(id.to_string())
             .fetch_optional(&self.pool)
-            .await?;
+            .await
+            .map_err(read_error)?;
         row.map(|(doc, seq)| Ok((rows::decode_doc(&doc)?, seq)))
             .transpose()
     }
@@ -162,7 +167,8 @@ impl ReadBackend for PgReads {
             .bind(tenant)
             .bind(id.to_string())
             .fetch_optional(&self.pool)
-            .await?;
+            .await
+            .map_err(read_error)?;
         row.map(|(doc, seq)| Ok((rows::decode_doc(&doc)?, seq)))
             .transpose()
     }
@@ -176,7 +182,11 @@ impl ReadBackend for PgReads {
         use futures::TryStreamExt;
 
         let mut q = list_executions_query(tenant, filter, page)?;
-        let rows = q.build_query_as().fetch(&self.pool).map_ok(list_row);
+        let rows = q
+            .build_query_as()
+            .fetch(&self.pool)
+            .map_ok(list_row)
+            .map_err(read_error);
         fit_rows(rows, page.size, document::execution_bytes).await
     }
 
@@ -189,7 +199,11 @@ impl ReadBackend for PgReads {
         use futures::TryStreamExt;
 
         let mut q = list_task_runs_query(tenant, filter, page)?;
-        let rows = q.build_query_as().fetch(&self.pool).map_ok(list_row);
+        let rows = q
+            .build_query_as()
+            .fetch(&self.pool)
+            .map_ok(list_row)
+            .map_err(read_error);
         fit_rows(rows, page.size, document::task_run_bytes).await
     }
 
@@ -207,7 +221,8 @@ impl ReadBackend for PgReads {
             .bind(page.after.unwrap_or(0))
             .bind(page.size as i64 + 1)
             .fetch(&self.pool)
-            .map_ok(|(pos, doc)| (doc, pos));
+            .map_ok(|(pos, doc)| (doc, pos))
+            .map_err(read_error);
         let (states, last) = fit_rows(rows, page.size, document::state_bytes).await?;
         Ok((states, last.map(HistoryPage::token)))
     }
@@ -229,11 +244,16 @@ impl ReadBackend for PgReads {
         };
         // One snapshot: the events read are those committed up to the
         // head it sees.
-        let mut tx = self.pool.begin_with(CONSISTENT_READ).await?;
+        let mut tx = self
+            .pool
+            .begin_with(CONSISTENT_READ)
+            .await
+            .map_err(read_error)?;
         let head: i64 = sqlx::query_scalar(sql::HEAD_OF_TENANT)
             .bind(tenant)
             .fetch_one(&mut *tx)
-            .await?;
+            .await
+            .map_err(read_error)?;
         let mut q = sqlx::query_as::<_, EventRow>(sql).bind(tenant);
         if let Some(id) = id {
             q = q.bind(id);
@@ -243,7 +263,7 @@ impl ReadBackend for PgReads {
         {
             let mut rows = q.bind(after).bind(limit).fetch(&mut *tx);
             let mut bytes = 0;
-            while let Some(row) = rows.try_next().await? {
+            while let Some(row) = rows.try_next().await.map_err(read_error)? {
                 bytes += row.payload.len();
                 events.push(row.into_stored());
                 if bytes >= max_bytes {
@@ -252,7 +272,7 @@ impl ReadBackend for PgReads {
                 }
             }
         }
-        tx.commit().await?;
+        tx.commit().await.map_err(read_error)?;
         let full = full || events.len() as i64 == limit;
         Ok(LogPage { events, full, head })
     }
@@ -261,7 +281,8 @@ impl ReadBackend for PgReads {
         Ok(sqlx::query_scalar(sql::HEAD_OF_TENANT)
             .bind(tenant)
             .fetch_one(&self.pool)
-            .await?)
+            .await
+            .map_err(read_error)?)
     }
 
     async fn heads(&self, tenants: &[String]) -> Result<HashMap<String, i64>> {
@@ -272,7 +293,8 @@ impl ReadBackend for PgReads {
             sqlx::query_as("SELECT tenant_id, head FROM tenant_heads WHERE tenant_id = ANY($1)")
                 .bind(tenants)
                 .fetch_all(&self.pool)
-                .await?;
+                .await
+                .map_err(read_error)?;
         Ok(rows.into_iter().collect())
     }
 
@@ -280,7 +302,8 @@ impl ReadBackend for PgReads {
         Ok(sqlx::query_scalar(sql::COMPACTED_OF_TENANT)
             .bind(tenant)
             .fetch_one(&self.pool)
-            .await?)
+            .await
+            .map_err(read_error)?)
     }
 
     async fn execution_snapshot(
@@ -289,16 +312,22 @@ impl ReadBackend for PgReads {
         id: ExecutionId,
         include_task_runs: bool,
     ) -> Result<Snapshot> {
-        let mut tx = self.pool.begin_with(CONSISTENT_READ).await?;
+        let mut tx = self
+            .pool
+            .begin_with(CONSISTENT_READ)
+            .await
+            .map_err(read_error)?;
         let head: i64 = sqlx::query_scalar(sql::HEAD_OF_TENANT)
             .bind(tenant)
             .fetch_one(&mut *tx)
-            .await?;
+            .await
+            .map_err(read_error)?;
         let row: Option<(String, i64)> = sqlx::query_as(sql::EXECUTION_BY_ID)
             .bind(tenant)
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
-            .await?;
+            .await
+            .map_err(read_error)?;
         let execution = row
             .map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s)))
             .transpose()?;
@@ -307,7 +336,7 @@ impl ReadBackend for PgReads {
         } else {
             TaskRunPage::default()
         };
-        tx.commit().await?;
+        tx.commit().await.map_err(read_error)?;
         Ok(Snapshot {
             execution,
             task_runs,
@@ -322,7 +351,7 @@ impl ReadBackend for PgReads {
         after: i64,
         head: i64,
     ) -> Result<TaskRunPage> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.pool.acquire().await.map_err(read_error)?;
         task_runs_page(&mut conn, tenant, execution, after, head).await
     }
 
@@ -331,17 +360,23 @@ impl ReadBackend for PgReads {
         tenant: &str,
         id: TaskRunId,
     ) -> Result<(Option<(TaskRun, i64)>, i64)> {
-        let mut tx = self.pool.begin_with(CONSISTENT_READ).await?;
+        let mut tx = self
+            .pool
+            .begin_with(CONSISTENT_READ)
+            .await
+            .map_err(read_error)?;
         let head: i64 = sqlx::query_scalar(sql::HEAD_OF_TENANT)
             .bind(tenant)
             .fetch_one(&mut *tx)
-            .await?;
+            .await
+            .map_err(read_error)?;
         let row: Option<(String, i64)> = sqlx::query_as(sql::TASK_RUN_BY_ID)
             .bind(tenant)
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
-            .await?;
-        tx.commit().await?;
+            .await
+            .map_err(read_error)?;
+        tx.commit().await.map_err(read_error)?;
         let run = row
             .map(|(d, s)| Ok::<_, Error>((rows::decode_doc(&d)?, s)))
             .transpose()?;
@@ -349,22 +384,38 @@ impl ReadBackend for PgReads {
     }
 
     async fn load_keys(&self) -> Result<KeySet> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.pool.acquire().await.map_err(read_error)?;
         crate::keys::postgres::load(&mut conn).await
     }
 
     async fn find_key(&self, hash: &str) -> Result<Option<ActiveKey>> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.pool.acquire().await.map_err(read_error)?;
         crate::keys::postgres::find(&mut conn, hash).await
     }
 
     async fn key_usage(&self, day: i64) -> Result<HashMap<String, i64>> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.pool.acquire().await.map_err(read_error)?;
         crate::keys::postgres::usage_today(&mut conn, day).await
     }
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// A read's failure: UNAVAILABLE when the database cannot be reached
+/// (the request changed nothing and may simply be sent again).
+fn read_error(e: sqlx::Error) -> Error {
+    let unreachable = matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
+        || tx::connection_lost(&e)
+        || e.as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|c| c == "55000" || c == "3D000");
+    if unreachable {
+        tracing::warn!(error = %e, "a read cannot reach the database");
+        Error::Unavailable
+    } else {
+        e.into()
     }
 }
 
@@ -395,7 +446,7 @@ async fn task_runs_page(
     let mut page = TaskRunPage::default();
     let mut bytes = 0;
     let mut last = None;
-    while let Some((doc, seq)) = rows.try_next().await? {
+    while let Some((doc, seq)) = rows.try_next().await.map_err(read_error)? {
         bytes += doc.len();
         page.runs.push((rows::decode_doc(&doc)?, seq));
         last = Some(seq);

@@ -40,22 +40,37 @@ enum Retry {
 }
 
 /// The writer's connection.
-#[derive(Debug)]
 pub(super) struct PgTx {
-    /// None once lost: `begin` connects again.
+    /// None until the first transaction, and once lost: `begin` connects.
+    /// The connection is made by the writer's own runtime, whose thread
+    /// then drives it alone.
     conn: Option<PgConnection>,
     options: PgConnectOptions,
+    /// The database URL, to keep its password out of messages.
+    url: String,
     /// The database URL, shown without its password.
     shown: String,
     /// Set by the latest failed statement of the open transaction.
     retry: Option<Retry>,
 }
 
+impl std::fmt::Debug for PgTx {
+    /// Without the URL's password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTx")
+            .field("database", &self.shown)
+            .field("connected", &self.conn.is_some())
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
 impl PgTx {
-    pub(super) fn new(conn: PgConnection, options: PgConnectOptions, url: &str) -> Self {
+    pub(super) fn new(options: PgConnectOptions, url: &str) -> Self {
         PgTx {
-            conn: Some(conn),
+            conn: None,
             options,
+            url: url.to_owned(),
             shown: crate::database_url::redacted(url),
             retry: None,
         }
@@ -82,22 +97,23 @@ impl PgTx {
 
     async fn reconnect(&mut self) -> Result<()> {
         use sqlx::Connection;
-        match PgConnection::connect_with(&self.options).await {
-            Ok(conn) => {
-                tracing::info!(database = %self.shown, "the writer reconnected");
+        let connected = tokio::time::timeout(
+            super::CONNECT_TIMEOUT,
+            PgConnection::connect_with(&self.options),
+        )
+        .await;
+        let why = match connected {
+            Ok(Ok(conn)) => {
+                tracing::info!(database = %self.shown, "the writer connected");
                 self.conn = Some(conn);
-                Ok(())
+                return Ok(());
             }
-            Err(e) => {
-                // Nothing was written: the callers may simply try again.
-                tracing::error!(
-                    database = %self.shown,
-                    error = %crate::database_url::scrubbed(&e.to_string(), &self.shown),
-                    "the writer cannot connect to the database"
-                );
-                Err(Error::Unavailable)
-            }
-        }
+            Ok(Err(e)) => crate::database_url::scrubbed(&e.to_string(), &self.url),
+            Err(_) => format!("no answer in {:?}", super::CONNECT_TIMEOUT),
+        };
+        // Nothing was written: the callers may simply try again.
+        tracing::error!(database = %self.shown, error = %why, "the writer cannot connect to the database");
+        Err(Error::Unavailable)
     }
 }
 
@@ -121,7 +137,7 @@ fn is_race(e: &sqlx::Error) -> bool {
 
 /// Whether the connection is gone (its socket failed, or the server ended
 /// it: an administrator, a restart).
-fn connection_lost(e: &sqlx::Error) -> bool {
+pub(super) fn connection_lost(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
