@@ -581,6 +581,29 @@ async fn each_tenant_numbers_its_events_densely_while_two_servers_write_at_once(
 }
 
 #[tokio::test]
+async fn servers_starting_together_on_a_fresh_database_migrate_it_once() {
+    let db = Arc::new(TestDatabase::create().await);
+    let (a, b, c) = tokio::join!(
+        spawn_on_database(Arc::clone(&db), |_| {}),
+        spawn_on_database(Arc::clone(&db), |_| {}),
+        spawn_on_database(Arc::clone(&db), |_| {}),
+    );
+    let made = create_execution(&a).await;
+    for app in [&b, &c] {
+        assert_eq!(get_execution(app, &made.id).await.id, made.id);
+    }
+    let mut conn = db.connect().await;
+    let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(applied, crate::postgres::MIGRATOR.iter().count() as i64);
+    for app in [a, b, c] {
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn two_servers_sweeping_time_each_pause_out_once() {
     let sweep = |c: &mut Config| c.pause_sweep_interval = Duration::from_millis(5);
     let a = spawn_app_on_postgres(sweep).await;

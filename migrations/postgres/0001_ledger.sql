@@ -166,6 +166,9 @@ CREATE TABLE api_keys (
     UNIQUE (tenant_id, name)
 );
 
+-- Request counts and revocations name a key by its id alone.
+CREATE UNIQUE INDEX api_keys_by_id ON api_keys (id);
+
 -- Requests per API key per UTC day (days since the epoch), for daily
 -- quotas that survive restarts.
 CREATE TABLE key_usage (
