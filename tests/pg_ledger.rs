@@ -439,6 +439,33 @@ async fn twenty_concurrent_creates_with_one_request_id_make_one_execution_across
     let mut conn = first.db.connect().await;
     assert_eq!(logged_seqs(&mut conn, OPEN_TENANT).await, [1]);
 
+    // A request_id one server stored, replayed on the other by many
+    // callers at once (their batch meets the stored execution when it
+    // writes, and its operations run again and find it).
+    let mut r = goal("twice");
+    r.request_id = "req-2".into();
+    let stored = first
+        .executions
+        .clone()
+        .create_execution(r.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+    let replays: Vec<_> = (0..20)
+        .map(|_| {
+            let mut client = second.executions.clone();
+            let r = r.clone();
+            tokio::spawn(async move { client.create_execution(r).await })
+        })
+        .collect();
+    for replay in replays {
+        let found = replay.await.unwrap().expect("found").into_inner();
+        assert_eq!(found.execution.unwrap().id, stored.id);
+    }
+    assert_eq!(logged_seqs(&mut conn, OPEN_TENANT).await, [1, 2]);
+
     // The same request_id with another request is refused.
     let mut r = goal("another");
     r.request_id = "req-1".into();

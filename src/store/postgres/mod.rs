@@ -50,7 +50,10 @@ const CONSISTENT_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
 /// them.
 pub(crate) fn options(url: &str) -> Result<PgConnectOptions, OpenError> {
     PgConnectOptions::from_str(url)
-        .map(|o| o.application_name("runledger"))
+        .map(|o| match o.get_application_name() {
+            Some(_) => o,
+            None => o.application_name("runledger"),
+        })
         .map_err(|e| OpenError::new(redacted(url), OpenCause::Url(scrubbed(&e.to_string(), url))))
 }
 
