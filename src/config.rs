@@ -47,6 +47,7 @@ pub enum Command {
 pub enum KeysCommand {
     /// Create a key; its secret is printed once, alone on the last line.
     Create {
+        /// The ledger's database: a SQLite URL or path, or a postgres:// URL.
         #[arg(
             long,
             env = "RUNLEDGER_DATABASE",
@@ -68,6 +69,7 @@ pub enum KeysCommand {
     },
     /// List keys (never their secrets).
     List {
+        /// The ledger's database: a SQLite URL or path, or a postgres:// URL.
         #[arg(
             long,
             env = "RUNLEDGER_DATABASE",
@@ -78,6 +80,7 @@ pub enum KeysCommand {
     /// Revoke a key by name or id; a running server stops accepting it
     /// within about a second.
     Revoke {
+        /// The ledger's database: a SQLite URL or path, or a postgres:// URL.
         #[arg(
             long,
             env = "RUNLEDGER_DATABASE",
@@ -182,7 +185,10 @@ pub struct Config {
     #[arg(long, env = "RUNLEDGER_ALLOW_PLAINTEXT")]
     pub allow_plaintext: bool,
 
-    /// SQLite database URL (or path); created and migrated on start.
+    /// The database: a SQLite URL or path (created and migrated on start;
+    /// one server per file), or postgres://USER@HOST:PORT/DATABASE (an
+    /// existing database, migrated on start; several servers may share
+    /// it).
     #[arg(
         long,
         env = "RUNLEDGER_DATABASE",
@@ -190,9 +196,10 @@ pub struct Config {
     )]
     pub database: String,
 
-    /// `process`: an acknowledged write survives a crash of the process
-    /// (WAL, synchronous=NORMAL). `power`: it also survives power loss
-    /// (synchronous=FULL), at a cost in write throughput.
+    /// SQLite only. `process`: an acknowledged write survives a crash of
+    /// the process (WAL, synchronous=NORMAL). `power`: it also survives
+    /// power loss (synchronous=FULL), at a cost in write throughput.
+    /// PostgreSQL's durability is the server's own (synchronous_commit).
     #[arg(
         long,
         env = "RUNLEDGER_DURABILITY",

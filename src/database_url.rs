@@ -75,6 +75,66 @@ fn scheme(value: &str) -> Option<&str> {
 /// malformed (a password holding an unencoded '/', '?', '#' or '@'), more
 /// is hidden rather than less.
 pub fn redacted(database: &str) -> String {
+    let mut hidden = password_ranges(database);
+    hidden.sort_unstable();
+    let mut out = String::with_capacity(database.len());
+    let mut shown_to = 0;
+    let mut ranges = hidden.into_iter().peekable();
+    while let Some((start, mut end)) = ranges.next() {
+        while let Some(&(next_start, next_end)) = ranges.peek()
+            && next_start <= end
+        {
+            end = end.max(next_end);
+            ranges.next();
+        }
+        out.push_str(&database[shown_to..start]);
+        out.push_str("***");
+        shown_to = end;
+    }
+    out.push_str(&database[shown_to..]);
+    out
+}
+
+/// `message` with every password of `database` in it (as written, or
+/// percent-decoded) replaced by `***`: for messages a driver made from
+/// the value, which should never quote it but might.
+pub fn scrubbed(message: &str, database: &str) -> String {
+    let mut out = message.to_owned();
+    for (start, end) in password_ranges(database) {
+        let written = &database[start..end];
+        for password in [written.to_owned(), percent_decoded(written)] {
+            if !password.is_empty() {
+                out = out.replace(&password, "***");
+            }
+        }
+    }
+    out
+}
+
+/// `s` with its %XX escapes decoded (as lossy UTF-8).
+fn percent_decoded(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where the passwords of `database` are: byte ranges, possibly
+/// overlapping.
+fn password_ranges(database: &str) -> Vec<(usize, usize)> {
     let mut hidden = Vec::new();
     if let Some(p) = database.find("://") {
         let start = p + 3;
@@ -103,23 +163,7 @@ pub fn redacted(database: &str) -> String {
             offset += param.len() + 1;
         }
     }
-    hidden.sort_unstable();
-    let mut out = String::with_capacity(database.len());
-    let mut shown_to = 0;
-    let mut ranges = hidden.into_iter().peekable();
-    while let Some((start, mut end)) = ranges.next() {
-        while let Some(&(next_start, next_end)) = ranges.peek()
-            && next_start <= end
-        {
-            end = end.max(next_end);
-            ranges.next();
-        }
-        out.push_str(&database[shown_to..start]);
-        out.push_str("***");
-        shown_to = end;
-    }
-    out.push_str(&database[shown_to..]);
-    out
+    hidden
 }
 
 fn is_password_key(key: &str) -> bool {
@@ -249,6 +293,18 @@ mod tests {
             assert_eq!(got, shown, "{value}");
             assert!(!got.contains("s3"), "{got}");
         }
+    }
+
+    #[test]
+    fn messages_lose_the_passwords_they_quote() {
+        let url = "postgres://ledger:s3%2Fcret@db/ledger?password=hunter2";
+        let message = "bad thing near s3%2Fcret, s3/cret and hunter2 for ledger@db";
+        assert_eq!(
+            scrubbed(message, url),
+            "bad thing near ***, *** and *** for ledger@db"
+        );
+        assert_eq!(scrubbed("ok", "postgres://db/x"), "ok");
+        assert_eq!(scrubbed("a:b", "postgres://u:@db/x"), "a:b");
     }
 
     #[test]

@@ -15,7 +15,10 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     OutOfRange(String),
-    #[error("the server is shutting down")]
+    /// The server is shutting down, or lost its database: the request
+    /// may or may not have taken effect, and may be sent again (with its
+    /// idempotency key).
+    #[error("the service is unavailable")]
     Unavailable,
     #[error("internal error: {0}")]
     Internal(String),

@@ -1,22 +1,42 @@
 //! API keys: random secrets shown once at creation, stored only as a
 //! SHA-256 hash, each belonging to one tenant and named for the
 //! `updated_by` it writes. `runledger keys create|list|revoke` and the
-//! server's authentication share this module.
+//! server's authentication share this module. Keys live in the ledger's
+//! database, SQLite or PostgreSQL: the queries here are written once, in
+//! the SQL both understand.
 
 use std::{collections::HashMap, str::FromStr, time::Duration};
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use sqlx::{
-    Connection, SqliteConnection,
+    Connection, PgConnection, SqliteConnection,
     sqlite::{SqliteConnectOptions, SqliteJournalMode},
 };
 
 use crate::{
     Error, Result,
+    database_url::{self, Backend},
     domain::{Caller, Timestamp, execution::check_chars},
     store::{OpenCause, OpenError},
 };
+
+/// The ledger's database, as the key commands use it.
+#[derive(Debug)]
+pub enum KeyDatabase {
+    Sqlite(SqliteConnection),
+    Postgres(PgConnection),
+}
+
+/// Runs `$body` with `$conn` bound to the connection, whichever it is.
+macro_rules! on_either {
+    ($db:expr, |$conn:ident| $body:expr) => {
+        match $db {
+            KeyDatabase::Sqlite($conn) => $body,
+            KeyDatabase::Postgres($conn) => $body,
+        }
+    };
+}
 
 /// A key as listed: never its secret.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -62,10 +82,28 @@ pub fn hash_secret(secret: &str) -> String {
         .collect()
 }
 
-/// Opens (creating and migrating) the database for the key commands.
-/// They take no lock: they share the file with a running server through
-/// SQLite's own locking.
-pub async fn connect(url: &str) -> Result<SqliteConnection, OpenError> {
+/// Opens (creating a SQLite file, and migrating) the database at `url`
+/// for the key commands. They take no lock: they share a SQLite file with
+/// a running server through SQLite's own locking, and a PostgreSQL
+/// database with every server.
+pub async fn connect(url: &str) -> Result<KeyDatabase, OpenError> {
+    match database_url::backend(url) {
+        Ok(Backend::Sqlite) => connect_sqlite(url).await.map(KeyDatabase::Sqlite),
+        Ok(Backend::Postgres) => {
+            use crate::store::postgres;
+            let options = postgres::options(url)?;
+            let mut conn = postgres::connect(url, &options).await?;
+            postgres::migrate(url, &mut conn).await?;
+            Ok(KeyDatabase::Postgres(conn))
+        }
+        Err(e) => Err(OpenError::new(
+            database_url::redacted(url),
+            OpenCause::Url(e.to_string()),
+        )),
+    }
+}
+
+async fn connect_sqlite(url: &str) -> Result<SqliteConnection, OpenError> {
     let options = SqliteConnectOptions::from_str(url)
         .map_err(|e| OpenError::new(url, OpenCause::Url(e.to_string())))?
         .create_if_missing(true)
@@ -83,7 +121,7 @@ pub async fn connect(url: &str) -> Result<SqliteConnection, OpenError> {
 }
 
 /// Creates a key; returns it and its secret, which is not stored.
-pub async fn create(conn: &mut SqliteConnection, new: NewKey) -> Result<(ApiKey, String)> {
+pub async fn create(db: &mut KeyDatabase, new: NewKey) -> Result<(ApiKey, String)> {
     let mut v = crate::domain::Violations::new();
     v.check("tenant", check_chars(new.tenant.clone(), 1, 100));
     v.check("name", check_chars(new.name.clone(), 1, 100));
@@ -105,21 +143,25 @@ pub async fn create(conn: &mut SqliteConnection, new: NewKey) -> Result<(ApiKey,
         last_used_at: None,
         revoked_at: None,
     };
-    let inserted = sqlx::query(
+    let hash = hash_secret(&secret);
+    let inserted = on_either!(db, |conn| {
+        sqlx::query(
         "INSERT INTO api_keys (id, tenant_id, name, secret_hash, rate, daily_quota, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(&key.id)
     .bind(&key.tenant_id)
     .bind(&key.name)
-    .bind(hash_secret(&secret))
+    .bind(&hash)
     .bind(key.rate)
     .bind(key.daily_quota)
     .bind(key.created_at)
     .execute(&mut *conn)
-    .await;
+    .await
+    .map(|_| ())
+    });
     match inserted {
-        Ok(_) => Ok((key, secret)),
+        Ok(()) => Ok((key, secret)),
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
             Err(Error::AlreadyExists(format!(
                 "tenant {:?} already has a key named {:?}",
@@ -130,18 +172,17 @@ pub async fn create(conn: &mut SqliteConnection, new: NewKey) -> Result<(ApiKey,
     }
 }
 
-pub async fn list(conn: &mut SqliteConnection) -> Result<Vec<ApiKey>> {
-    Ok(sqlx::query_as(
-        "SELECT id, tenant_id, name, rate, daily_quota, created_at, last_used_at, revoked_at \
-         FROM api_keys ORDER BY tenant_id, name",
-    )
-    .fetch_all(&mut *conn)
-    .await?)
+pub async fn list(db: &mut KeyDatabase) -> Result<Vec<ApiKey>> {
+    const LIST: &str = "SELECT id, tenant_id, name, rate, daily_quota, created_at, last_used_at, \
+         revoked_at FROM api_keys ORDER BY tenant_id, name";
+    Ok(on_either!(db, |conn| sqlx::query_as(LIST)
+        .fetch_all(&mut *conn)
+        .await?))
 }
 
 /// Revokes the key with this id, or the only key with this name.
-pub async fn revoke(conn: &mut SqliteConnection, name_or_id: &str) -> Result<ApiKey> {
-    let matches: Vec<ApiKey> = list(conn)
+pub async fn revoke(db: &mut KeyDatabase, name_or_id: &str) -> Result<ApiKey> {
+    let matches: Vec<ApiKey> = list(db)
         .await?
         .into_iter()
         .filter(|k| k.id == name_or_id || k.name == name_or_id)
@@ -159,11 +200,14 @@ pub async fn revoke(conn: &mut SqliteConnection, name_or_id: &str) -> Result<Api
             )));
         }
     };
-    sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
-        .bind(Timestamp::now().as_micros())
-        .bind(&key.id)
-        .execute(&mut *conn)
-        .await?;
+    on_either!(db, |conn| sqlx::query(
+        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2"
+    )
+    .bind(Timestamp::now().as_micros())
+    .bind(&key.id)
+    .execute(&mut *conn)
+    .await
+    .map(|_| ()))?;
     Ok(ApiKey {
         revoked_at: Some(
             key.revoked_at
@@ -217,27 +261,77 @@ fn active(
 }
 
 /// The key in force with this secret hash, as the database has it now.
-pub async fn find(conn: &mut SqliteConnection, hash: &str) -> Result<Option<ActiveKey>> {
-    let row: Option<KeyRow> = sqlx::query_as(
-        "SELECT secret_hash, id, tenant_id, name, rate, daily_quota, revoked_at FROM api_keys \
-         WHERE secret_hash = ?",
-    )
-    .bind(hash)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(row.and_then(active).map(|(_, key)| key))
+pub async fn find(db: &mut KeyDatabase, hash: &str) -> Result<Option<ActiveKey>> {
+    match db {
+        KeyDatabase::Sqlite(conn) => sqlite::find(conn, hash).await,
+        KeyDatabase::Postgres(conn) => postgres::find(conn, hash).await,
+    }
 }
 
+/// Today's request counts per key id (UTC day number since the epoch).
+pub async fn usage_today(db: &mut KeyDatabase, day: i64) -> Result<HashMap<String, i64>> {
+    match db {
+        KeyDatabase::Sqlite(conn) => sqlite::usage_today(conn, day).await,
+        KeyDatabase::Postgres(conn) => postgres::usage_today(conn, day).await,
+    }
+}
+
+/// The server's reads of keys, on a connection of either backend.
+macro_rules! key_reads {
+    ($backend:ident, $conn:ty) => {
+        pub(crate) mod $backend {
+            use super::*;
+
+            /// The keys in force, and whether there are any at all.
+            pub(crate) async fn load(conn: &mut $conn) -> Result<KeySet> {
+                let rows: Vec<KeyRow> = sqlx::query_as(
+                    "SELECT secret_hash, id, tenant_id, name, rate, daily_quota, revoked_at \
+                     FROM api_keys",
+                )
+                .fetch_all(&mut *conn)
+                .await?;
+                let any = !rows.is_empty();
+                let by_hash = rows.into_iter().filter_map(active).collect();
+                Ok(KeySet { by_hash, any })
+            }
+
+            /// See [`super::find`].
+            pub(crate) async fn find(conn: &mut $conn, hash: &str) -> Result<Option<ActiveKey>> {
+                let row: Option<KeyRow> = sqlx::query_as(
+                    "SELECT secret_hash, id, tenant_id, name, rate, daily_quota, revoked_at \
+                     FROM api_keys WHERE secret_hash = $1",
+                )
+                .bind(hash)
+                .fetch_optional(&mut *conn)
+                .await?;
+                Ok(row.and_then(active).map(|(_, key)| key))
+            }
+
+            /// See [`super::usage_today`].
+            pub(crate) async fn usage_today(
+                conn: &mut $conn,
+                day: i64,
+            ) -> Result<HashMap<String, i64>> {
+                let rows: Vec<(String, i64)> =
+                    sqlx::query_as("SELECT key_id, requests FROM key_usage WHERE day = $1")
+                        .bind(day)
+                        .fetch_all(&mut *conn)
+                        .await?;
+                Ok(rows.into_iter().collect())
+            }
+        }
+    };
+}
+
+key_reads!(sqlite, SqliteConnection);
+key_reads!(postgres, PgConnection);
+
 impl KeySet {
-    pub async fn load(conn: &mut SqliteConnection) -> Result<Self> {
-        let rows: Vec<KeyRow> = sqlx::query_as(
-            "SELECT secret_hash, id, tenant_id, name, rate, daily_quota, revoked_at FROM api_keys",
-        )
-        .fetch_all(&mut *conn)
-        .await?;
-        let any = !rows.is_empty();
-        let by_hash = rows.into_iter().filter_map(active).collect();
-        Ok(KeySet { by_hash, any })
+    pub async fn load(db: &mut KeyDatabase) -> Result<Self> {
+        match db {
+            KeyDatabase::Sqlite(conn) => sqlite::load(conn).await,
+            KeyDatabase::Postgres(conn) => postgres::load(conn).await,
+        }
     }
 
     pub fn key(&self, secret: &str) -> Option<&ActiveKey> {
@@ -252,16 +346,6 @@ impl KeySet {
     pub fn caller(&self, secret: &str) -> Option<&Caller> {
         self.key(secret).map(|k| &k.caller)
     }
-}
-
-/// Today's request counts per key id (UTC day number since the epoch).
-pub async fn usage_today(conn: &mut SqliteConnection, day: i64) -> Result<HashMap<String, i64>> {
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT key_id, requests FROM key_usage WHERE day = ?")
-            .bind(day)
-            .fetch_all(&mut *conn)
-            .await?;
-    Ok(rows.into_iter().collect())
 }
 
 #[cfg(test)]
@@ -285,8 +369,11 @@ mod tests {
             create(&mut conn, new).await,
             Err(Error::AlreadyExists(_))
         ));
+        let KeyDatabase::Sqlite(sqlite) = &mut conn else {
+            panic!("a SQLite URL opens SQLite")
+        };
         let stored: Vec<String> = sqlx::query_scalar("SELECT secret_hash FROM api_keys")
-            .fetch_all(&mut conn)
+            .fetch_all(&mut *sqlite)
             .await
             .unwrap();
         assert_eq!(stored, [hash_secret(&secret)]);

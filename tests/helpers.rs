@@ -1,11 +1,13 @@
 //! One way to start the service for a test: in-process on 127.0.0.1:0
-//! with a fresh SQLite file, or as a real process for crash tests.
+//! with a fresh SQLite file (or a fresh PostgreSQL database), or as a real
+//! process for crash tests.
 
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::Arc,
     time::Duration,
 };
 
@@ -14,6 +16,8 @@ use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+use crate::postgres::TestDatabase;
 
 pub use pb::{
     event_service_client::EventServiceClient, execution_service_client::ExecutionServiceClient,
@@ -65,6 +69,49 @@ pub async fn spawn_in(dir: TempDir, adjust: impl FnOnce(&mut Config)) -> TestApp
         server,
         dir,
     }
+}
+
+/// A server on a PostgreSQL database of its own (see
+/// `postgres::TestDatabase`), dropped once the last server on it is.
+#[derive(Debug)]
+pub struct PgTestApp {
+    pub app: TestApp,
+    pub db: Arc<TestDatabase>,
+}
+
+impl std::ops::Deref for PgTestApp {
+    type Target = TestApp;
+
+    fn deref(&self) -> &TestApp {
+        &self.app
+    }
+}
+
+impl PgTestApp {
+    /// Shuts down gracefully; hands back the database.
+    pub async fn stop(self) -> Arc<TestDatabase> {
+        self.app.stop().await;
+        self.db
+    }
+}
+
+/// Starts a server on a fresh PostgreSQL database.
+pub async fn spawn_app_on_postgres(adjust: impl FnOnce(&mut Config)) -> PgTestApp {
+    spawn_on_database(Arc::new(TestDatabase::create().await), adjust).await
+}
+
+/// Starts a server on `db` (another replica, or a restart).
+pub async fn spawn_on_database(
+    db: Arc<TestDatabase>,
+    adjust: impl FnOnce(&mut Config),
+) -> PgTestApp {
+    let url = db.url().to_owned();
+    let app = spawn_in(tempfile::tempdir().expect("a temp dir"), |config| {
+        config.database = url;
+        adjust(config);
+    })
+    .await;
+    PgTestApp { app, db }
 }
 
 pub async fn connect(addr: SocketAddr) -> Channel {

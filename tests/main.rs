@@ -12,6 +12,7 @@ mod layering;
 mod ledger;
 mod lists;
 mod orchestration;
+mod pg_ledger;
 mod postgres;
 mod quiet_streams;
 mod readme;

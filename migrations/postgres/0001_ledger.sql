@@ -6,8 +6,11 @@
 --   tenant's queries use.
 -- * Ids are text (UUIDs for runs), as in SQLite, so rows convert alike.
 -- * Documents (doc, output, result) are JSON text in TEXT columns, not
---   JSONB: JSONB refuses the "\u0000" escape clients may send in values.
---   Queries that look inside a document cast it: doc::json.
+--   JSONB: JSONB refuses the "\u0000" escape clients may send in values,
+--   and PostgreSQL's JSON functions fail on a document holding one, so no
+--   query looks inside a document: what a query filters on is a column of
+--   its own (metadata and labels as JSONB, whose keys and values the
+--   ledger keeps free of NUL).
 -- * Times are microseconds since the Unix epoch (BIGINT); state types are
 --   their codes (SMALLINT).
 
@@ -26,6 +29,8 @@ CREATE TABLE executions (
     last_seq       BIGINT NOT NULL,
     -- When a PAUSED run times out, for the sweeper.
     pause_deadline BIGINT,
+    -- The document's metadata, for lists filtered by metadata pairs.
+    metadata       JSONB NOT NULL DEFAULT '{}',
     doc            TEXT NOT NULL,
     PRIMARY KEY (tenant_id, id)
 );
@@ -52,6 +57,8 @@ CREATE TABLE task_runs (
     deleted_at     BIGINT,
     last_seq       BIGINT NOT NULL,
     pause_deadline BIGINT,
+    -- The document's labels, for lists filtered by label pairs.
+    labels         JSONB NOT NULL DEFAULT '{}',
     doc            TEXT NOT NULL,
     PRIMARY KEY (tenant_id, id),
     -- A task key's run for each dynamic key, found by key.
@@ -74,8 +81,9 @@ CREATE INDEX task_runs_by_key_state
 CREATE INDEX task_runs_by_execution_seq ON task_runs (tenant_id, execution_id, last_seq);
 
 -- Every state a run has been in, oldest first by pos. pos follows commit
--- order within a run because a run's writes are serialized: its row is
--- locked by the transaction that appends its states.
+-- order within a run because a tenant's writes are serialized: the
+-- transaction that appends a run's states holds its tenant's row of
+-- tenant_heads until it commits.
 CREATE TABLE states (
     tenant_id TEXT NOT NULL,
     run_id    TEXT NOT NULL,
@@ -95,8 +103,9 @@ CREATE TABLE transitions (
 );
 
 -- Each tenant's append-only event log, numbered densely from 1 by
--- tenant_heads. format says how payload is encoded; payload is the encoded
--- runledger.v1.StatusEvent.
+-- tenant_heads. format says how payload is encoded: 1, an encoded
+-- runledger.v1.StatusEvent (logs written before event records); 2, the
+-- ledger's event record, versioned JSON (EventRecord).
 CREATE TABLE events (
     tenant_id    TEXT NOT NULL,
     seq          BIGINT NOT NULL,
@@ -117,8 +126,9 @@ CREATE INDEX events_by_task_run ON events (tenant_id, task_run_id, seq)
 
 -- Per tenant: head is the last sequence given out, raised in the same
 -- transaction as the events it numbers (the row lock orders a tenant's
--- writers, so sequences are dense and commit in order); compacted is the
--- highest sequence retention has removed from the log.
+-- writers, so sequences are dense and commit in order, and the commit
+-- notifies channel runledger_events with "<tenant>:<head>"); compacted is
+-- the highest sequence retention has removed from the log.
 CREATE TABLE tenant_heads (
     tenant_id TEXT PRIMARY KEY,
     head      BIGINT NOT NULL DEFAULT 0,
@@ -155,6 +165,9 @@ CREATE TABLE api_keys (
     PRIMARY KEY (tenant_id, id),
     UNIQUE (tenant_id, name)
 );
+
+-- Request counts and revocations name a key by its id alone.
+CREATE UNIQUE INDEX api_keys_by_id ON api_keys (id);
 
 -- Requests per API key per UTC day (days since the epoch), for daily
 -- quotas that survive restarts.

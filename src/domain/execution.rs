@@ -182,6 +182,12 @@ pub fn check_string_map(
                 format!("keys must be 1 to {MAX_METADATA_KEY_CHARS} characters"),
             );
         }
+        if k.contains('\0') {
+            violations.add(field, format!("keys {NUL_REFUSED}"));
+        }
+        if v.contains('\0') {
+            violations.add(format!("{field}[{}]", super::prefix(k)), NUL_REFUSED);
+        }
         let n = v.chars().count();
         if n == 0 || n > MAX_METADATA_VALUE_CHARS {
             violations.add(
@@ -192,8 +198,23 @@ pub fn check_string_map(
     }
 }
 
-/// `s` when it has `min..=max` characters.
+/// Why a client's text is refused for holding a NUL character: databases
+/// keep text without them (PostgreSQL refuses them outright), so no
+/// identifier, key, name or message may carry one.
+pub const NUL_REFUSED: &str = "must not contain NUL (\\0) characters";
+
+/// `Err` when `s` holds a NUL character; see [`NUL_REFUSED`].
+pub fn check_no_nul(s: &str) -> Result<(), String> {
+    if s.contains('\0') {
+        Err(NUL_REFUSED.to_owned())
+    } else {
+        Ok(())
+    }
+}
+
+/// `s` when it has `min..=max` characters, none of them NUL.
 pub fn check_chars(s: String, min: usize, max: usize) -> Result<String, String> {
+    check_no_nul(&s)?;
     let n = s.chars().count();
     if n < min || n > max {
         Err(if min == 0 {

@@ -8,7 +8,9 @@ use serde_json::{Map, Value};
 
 use super::{convert, pb};
 use crate::{
-    domain::execution::{MAX_NAME_CHARS, MAX_TASK_ID_CHARS, check_chars, check_string_map},
+    domain::execution::{
+        MAX_NAME_CHARS, MAX_TASK_ID_CHARS, NUL_REFUSED, check_chars, check_no_nul, check_string_map,
+    },
     domain::page::{ExecutionFilter, HistoryPage, Page, TaskRunFilter},
     domain::task_run::{MAX_CACHE_KEY_CHARS, MAX_KEY_CHARS, MAX_TAG_CHARS, MAX_TAGS},
     domain::{
@@ -83,6 +85,14 @@ fn optional_chars(field: &str, s: String, max: usize, v: &mut Violations) -> Opt
     v.check(field, check_chars(s, 0, max))
 }
 
+/// A filter's text, if given: any length, but no NUL.
+fn optional_text(field: &str, s: String, v: &mut Violations) -> Option<String> {
+    if s.is_empty() {
+        return None;
+    }
+    v.check(field, check_no_nul(&s).map(|()| s))
+}
+
 fn timestamp(
     field: &str,
     t: Option<&prost_types::Timestamp>,
@@ -131,6 +141,9 @@ fn details(prefix: &str, d: Option<pb::StateDetails>, v: &mut Violations) -> Sta
             f("run_input_keyset"),
             format!("keys must be 1 to {MAX_KEY_CHARS} characters"),
         );
+    }
+    if d.run_input_keyset.keys().any(|k| k.contains('\0')) {
+        v.add(f("run_input_keyset"), format!("keys {NUL_REFUSED}"));
     }
     StateDetails {
         scheduled_time: timestamp(&f("scheduled_time"), d.scheduled_time.as_ref(), v),
@@ -294,6 +307,9 @@ pub(crate) fn new_task_run(r: pb::CreateTaskRunRequest) -> Result<NewTaskRun, Vi
             format!("each tag must be 1 to {MAX_TAG_CHARS} characters"),
         );
     }
+    if r.tags.iter().any(|t| t.contains('\0')) {
+        v.add("tags", format!("tags {NUL_REFUSED}"));
+    }
     check_string_map("labels", &r.labels, &mut v);
     let input = match &r.input {
         Some(i) => json_value("input", i, &mut v),
@@ -402,6 +418,11 @@ fn filter_pairs(
     if m.len() > MAX_FILTER_ITEMS {
         v.add(field, format!("at most {MAX_FILTER_ITEMS} pairs"));
     }
+    if m.iter()
+        .any(|(k, val)| k.contains('\0') || val.contains('\0'))
+    {
+        v.add(field, format!("keys and values {NUL_REFUSED}"));
+    }
     convert::pairs(m)
 }
 
@@ -411,7 +432,7 @@ pub(crate) fn execution_list(
     let mut v = Violations::new();
     let page = page(r.page_size, &r.page_token, &mut v);
     let filter = ExecutionFilter {
-        task_id: (!r.task_id.is_empty()).then_some(r.task_id),
+        task_id: optional_text("task_id", r.task_id, &mut v),
         state_types: state_types("state_types", &r.state_types, &mut v),
         metadata: filter_pairs("metadata", &r.metadata, &mut v),
         created_after: timestamp("created_after", r.created_after.as_ref(), &mut v),
@@ -433,7 +454,7 @@ pub(crate) fn task_run_list(
     };
     let filter = TaskRunFilter {
         execution_id,
-        task_key: (!r.task_key.is_empty()).then_some(r.task_key),
+        task_key: optional_text("task_key", r.task_key, &mut v),
         state_types: state_types("state_types", &r.state_types, &mut v),
         labels: filter_pairs("labels", &r.labels, &mut v),
         created_after: timestamp("created_after", r.created_after.as_ref(), &mut v),

@@ -37,7 +37,10 @@ impl From<Error> for Status {
             Error::AlreadyExists(m) => Status::already_exists(m),
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
             Error::OutOfRange(m) => Status::out_of_range(m),
-            Error::Unavailable => Status::unavailable("the server is shutting down; reconnect"),
+            Error::Unavailable => Status::unavailable(
+                "the server is shutting down or lost its database; \
+                 retry (with the same idempotency keys)",
+            ),
             Error::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
                 Status::internal("internal error")

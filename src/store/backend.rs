@@ -46,9 +46,10 @@ pub(crate) struct EventRow<'a> {
 
 /// The primitives of one write transaction, on the writer's connection.
 /// Reads made here see the transaction's own writes. A backend shared by
-/// several writers (several replicas on one database) locks the rows it
-/// reads for the rest of the transaction, so that no two writers change
-/// one run from the same version.
+/// several writers (several replicas on one database) needs no lock on the
+/// rows it reads: every transaction locks the counter rows of the tenants
+/// it reads or writes first ([`lock_heads`](TxBackend::lock_heads)), so a
+/// tenant's writers take turns and each reads what the last one committed.
 #[async_trait]
 pub(crate) trait TxBackend: Send {
     async fn begin(&mut self) -> Result<()>;
@@ -129,8 +130,10 @@ pub(crate) trait TxBackend: Send {
     ) -> Result<()>;
 
     /// PAUSED runs whose pause timed out by `now`: (tenant, id) of up to
-    /// `limit` executions and task runs each. A shared backend hands each
-    /// to one writer only.
+    /// `limit` executions and task runs each. These are candidates, read
+    /// before their tenants are locked: on a shared backend another writer
+    /// may have changed (or be about to change) one, so the caller checks
+    /// each again once it has read it, under its tenant's lock.
     async fn expired_pauses(
         &mut self,
         now: Timestamp,

@@ -10,7 +10,10 @@
 //! sets once, when it commits: numbers are dense and in commit order
 //! however many writers share the database, and while a transaction holds
 //! a tenant no other writer changes the tenant's runs, so what it reads
-//! stays current until it commits.
+//! stays current until it commits. The writer locks the tenants of a
+//! batch's operations first; a read of another tenant (an operation of
+//! no one tenant, such as the pause sweeper's) locks that tenant before it
+//! asks the database.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -154,6 +157,7 @@ impl<'c> WriteTx<'c> {
                 _ => None,
             });
         }
+        self.lock_tenants(&[tenant]).await?;
         let Some(e) = self.backend.execution(tenant, id).await? else {
             return Ok(None);
         };
@@ -173,6 +177,7 @@ impl<'c> WriteTx<'c> {
                 _ => None,
             });
         }
+        self.lock_tenants(&[tenant]).await?;
         let Some(t) = self.backend.task_run(tenant, id).await? else {
             return Ok(None);
         };
@@ -201,13 +206,17 @@ impl<'c> WriteTx<'c> {
             self.touched.push((e.id.to_string(), self.op));
             let hash = match hash {
                 Some(h) => h,
-                None => self.backend.request_hash(tenant, e.id).await?,
+                None => {
+                    self.lock_tenants(&[tenant]).await?;
+                    self.backend.request_hash(tenant, e.id).await?
+                }
             };
             return Ok(Some((e, hash)));
         }
         if !self.careful {
             return Ok(None);
         }
+        self.lock_tenants(&[tenant]).await?;
         let Some((stored, hash)) = self
             .backend
             .execution_by_request_id(tenant, request_id)
@@ -326,6 +335,7 @@ impl<'c> WriteTx<'c> {
         if in_batch.is_some() || !ask_database {
             return Ok(in_batch);
         }
+        self.lock_tenants(&[tenant]).await?;
         let Some(stored) = self
             .backend
             .task_run_by_key(tenant, execution_id, task_key, dynamic_key)
@@ -349,6 +359,7 @@ impl<'c> WriteTx<'c> {
         task_key: &str,
     ) -> Result<i64> {
         self.flush().await?;
+        self.lock_tenants(&[tenant]).await?;
         self.backend
             .count_task_runs_for_key(tenant, execution_id, task_key)
             .await
@@ -361,6 +372,7 @@ impl<'c> WriteTx<'c> {
         execution_id: ExecutionId,
     ) -> Result<Vec<TaskRun>> {
         self.flush().await?;
+        self.lock_tenants(&[tenant]).await?;
         let runs = self.backend.task_runs_of(tenant, execution_id).await?;
         self.read_ids.extend(runs.iter().map(|t| t.id.to_string()));
         Ok(runs)
@@ -377,6 +389,7 @@ impl<'c> WriteTx<'c> {
         except: TaskRunId,
     ) -> Result<Option<(TaskRunId, Option<String>)>> {
         self.flush().await?;
+        self.lock_tenants(&[tenant]).await?;
         self.backend
             .latest_completed_output(tenant, execution_id, task_key, except)
             .await
@@ -392,6 +405,7 @@ impl<'c> WriteTx<'c> {
         except: TaskRunId,
     ) -> Result<(bool, bool)> {
         self.flush().await?;
+        self.lock_tenants(&[tenant]).await?;
         self.backend
             .runs_of_key_exist(tenant, execution_id, task_key, except)
             .await
@@ -403,6 +417,7 @@ impl<'c> WriteTx<'c> {
         tenant: &str,
         key: &str,
     ) -> Result<Option<(Option<serde_json::Value>, Option<Timestamp>)>> {
+        self.lock_tenants(&[tenant]).await?;
         self.backend.cache_entry(tenant, key).await
     }
 
@@ -414,6 +429,7 @@ impl<'c> WriteTx<'c> {
         output: Option<&serde_json::Value>,
         expiration: Option<Timestamp>,
     ) -> Result<()> {
+        self.lock_tenants(&[tenant]).await?;
         self.writes_in_op += 1;
         self.backend
             .put_cache_entry(tenant, key, run, output, expiration)
@@ -421,14 +437,39 @@ impl<'c> WriteTx<'c> {
     }
 
     /// PAUSED runs whose pause timed out by `now`: (tenant, id) of up to
-    /// `limit` executions and task runs each.
+    /// `limit` executions and task runs each, their tenants locked. On a
+    /// database other writers share, the runs are asked for again once
+    /// their tenants are locked, so that none another writer has resumed
+    /// or timed out meanwhile is returned.
     pub async fn expired_pauses(
         &mut self,
         now: Timestamp,
         limit: i64,
     ) -> Result<(Vec<(String, String)>, Vec<(String, String)>)> {
         self.flush().await?;
-        self.backend.expired_pauses(now, limit).await
+        let candidates = self.backend.expired_pauses(now, limit).await?;
+        let tenants: BTreeSet<&str> = candidates
+            .0
+            .iter()
+            .chain(&candidates.1)
+            .map(|(tenant, _)| tenant.as_str())
+            .collect();
+        if tenants.is_empty() || self.backend.sole_writer() {
+            let tenants: Vec<&str> = tenants.into_iter().collect();
+            self.lock_tenants(&tenants).await?;
+            return Ok(candidates);
+        }
+        let tenants: Vec<String> = tenants.into_iter().map(str::to_owned).collect();
+        let names: Vec<&str> = tenants.iter().map(String::as_str).collect();
+        self.lock_tenants(&names).await?;
+        // Current now: keep those of the tenants locked (another tenant's
+        // runs wait for the next sweep).
+        let (executions, task_runs) = self.backend.expired_pauses(now, limit).await?;
+        let locked = |(tenant, _): &(String, String)| self.heads.contains_key(tenant);
+        Ok((
+            executions.into_iter().filter(locked).collect(),
+            task_runs.into_iter().filter(locked).collect(),
+        ))
     }
 
     /// Records request counts per key and day (a count only grows).
@@ -461,6 +502,7 @@ impl<'c> WriteTx<'c> {
         run_id: &str,
         transition_id: &str,
     ) -> Result<Option<String>> {
+        self.lock_tenants(&[tenant]).await?;
         self.backend.transition(tenant, run_id, transition_id).await
     }
 
@@ -471,6 +513,7 @@ impl<'c> WriteTx<'c> {
         transition_id: &str,
         result_json: &str,
     ) -> Result<()> {
+        self.lock_tenants(&[tenant]).await?;
         self.writes_in_op += 1;
         self.backend
             .record_transition(tenant, run_id, transition_id, result_json)

@@ -12,13 +12,14 @@ use crate::{Result, domain::document};
 /// few rows the connection reads ahead. The second
 /// value is where the next page starts, the last row kept, when rows were
 /// left out.
-pub(crate) async fn fit_rows<T, K>(
-    rows: impl futures::Stream<Item = sqlx::Result<(String, K)>>,
+pub(crate) async fn fit_rows<T, K, E>(
+    rows: impl futures::Stream<Item = std::result::Result<(String, K), E>>,
     size: u32,
     measure: impl Fn(&T) -> usize,
 ) -> Result<(Vec<T>, Option<K>)>
 where
     T: serde::de::DeserializeOwned,
+    E: Into<crate::Error>,
 {
     use futures::TryStreamExt;
 
@@ -26,7 +27,7 @@ where
     let mut items = Vec::new();
     let mut bytes = 0;
     let mut last = None;
-    while let Some((doc, key)) = rows.try_next().await? {
+    while let Some((doc, key)) = rows.try_next().await.map_err(Into::into)? {
         if items.len() >= size as usize {
             return Ok((items, last));
         }

@@ -1,13 +1,14 @@
 //! Storage: the ledger's runs, history and event log, behind one seam
-//! (`backend`) with a SQLite implementation (`sqlite`). Reads go to the
-//! backend's read connections; every write goes through the writer, which
-//! commits the operations waiting at one moment together (see `writer`
-//! and `batch`). The store speaks in domain types only.
+//! (`backend`) with a SQLite implementation (`sqlite`, one server per
+//! database) and a PostgreSQL one (`postgres`, servers sharing it). Reads
+//! go to the backend's read connections; every write goes through the
+//! writer, which commits the operations waiting at one moment together
+//! (see `writer` and `batch`). The store speaks in domain types only.
 
 mod backend;
 mod batch;
 mod fit;
-mod postgres;
+pub(crate) mod postgres;
 mod rows;
 mod sqlite;
 mod writer;
@@ -20,6 +21,7 @@ pub use crate::domain::page::{
     Cursor, DEFAULT_PAGE_SIZE, ExecutionFilter, HistoryPage, MAX_PAGE_SIZE, Page, TaskRunFilter,
 };
 pub use batch::WriteTx;
+pub use postgres::EVENTS_CHANNEL;
 pub use sqlite::{OpenCause, OpenError};
 pub(crate) use writer::TxFuture;
 pub use writer::{WriterStats, WriterStopped, WriterTask};

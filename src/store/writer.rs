@@ -321,6 +321,20 @@ async fn commit_group(
             Err(e) => break e,
         }
     };
+    if matches!(failed, Error::Unavailable) {
+        // The database cannot be reached, or a commit's outcome is unknown
+        // (the connection went while committing): running the operations
+        // again could apply them twice. Their callers retry, with their
+        // idempotency keys.
+        warn!(
+            ops = ops.len(),
+            "the database is unavailable; the operations are refused"
+        );
+        for op in ops {
+            op.finish(Some(Error::Unavailable));
+        }
+        return;
+    }
     if ops.len() == 1 {
         error!(error = %failed, "write failed");
         if let Some(op) = ops.pop() {

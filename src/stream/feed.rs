@@ -912,4 +912,3 @@ mod tests {
         assert!(feed.followed().is_empty());
     }
 }
-

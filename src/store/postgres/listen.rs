@@ -12,8 +12,7 @@ use tracing::warn;
 
 use crate::store::CommitSignal;
 
-/// The channel commits are announced on.
-pub(crate) const CHANNEL: &str = "runledger_events";
+use super::EVENTS_CHANNEL as CHANNEL;
 
 /// How long the listener waits before connecting again after a failure.
 const RETRY: Duration = Duration::from_secs(1);

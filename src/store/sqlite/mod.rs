@@ -330,17 +330,17 @@ impl ReadBackend for SqliteReads {
 
     async fn load_keys(&self) -> Result<KeySet> {
         let mut conn = self.pool.acquire().await?;
-        KeySet::load(&mut conn).await
+        crate::keys::sqlite::load(&mut conn).await
     }
 
     async fn find_key(&self, hash: &str) -> Result<Option<ActiveKey>> {
         let mut conn = self.pool.acquire().await?;
-        crate::keys::find(&mut conn, hash).await
+        crate::keys::sqlite::find(&mut conn, hash).await
     }
 
     async fn key_usage(&self, day: i64) -> Result<HashMap<String, i64>> {
         let mut conn = self.pool.acquire().await?;
-        crate::keys::usage_today(&mut conn, day).await
+        crate::keys::sqlite::usage_today(&mut conn, day).await
     }
 
     async fn close(&self) {

@@ -47,6 +47,16 @@ pub enum OpenCause {
     Os(io::Error),
     #[error("{0}")]
     Sqlite(String),
+    #[error(
+        "the PostgreSQL server does not answer ({0}); check the host and port, and that it runs"
+    )]
+    Unreachable(String),
+    #[error("the PostgreSQL server refused the login ({0}); check the user name and password")]
+    AuthenticationFailed(String),
+    #[error("the database does not exist on the PostgreSQL server ({0}); create it first")]
+    NoSuchDatabase(String),
+    #[error("{0}")]
+    Postgres(String),
 }
 
 impl OpenError {
