@@ -38,9 +38,10 @@ use super::{
 use crate::{
     Error,
     domain::{
-        Caller, ConfigOverrides, ConfigProfile, ErrorInfo, EventKind, EventRecord, Execution,
-        ExecutionId, NewExecution, NewTaskRun, RecordedRun, RetryPolicy, State, StateProposal,
-        StateType, TaskRun, TaskRunId, Timestamp, document,
+        Caller, ConfigOverrides, ConfigProfile, EffectiveConfig, ErrorInfo, Event, EventKind,
+        EventRecord, Execution, ExecutionId, NewExecution, NewTaskRun, RecordedRun, Resource,
+        RetryPolicy, RunCore, State, StateProposal, StateType, TaskRun, TaskRunId, Timestamp,
+        document,
     },
     orchestration::{
         Ledger, SetStateOutcome,
@@ -376,6 +377,127 @@ fn newest_first(runs: &[Execution]) -> Vec<String> {
         (b.run.created_at, b.id.to_string()).cmp(&(a.run.created_at, a.id.to_string()))
     });
     sorted.iter().map(|e| e.id.to_string()).collect()
+}
+
+/// Executions created at one instant, written as the ledger writes a new
+/// execution (its first state, its CREATED event, the run), in one
+/// transaction.
+async fn executions_created_at(
+    store: &Store,
+    tenant: &str,
+    at: Timestamp,
+    n: usize,
+) -> Vec<Execution> {
+    let owner: Arc<str> = tenant.into();
+    store
+        .write(tenant, move |tx| {
+            let tenant = Arc::clone(&owner);
+            Box::pin(async move {
+                let mut made = Vec::new();
+                for _ in 0..n {
+                    let new = new_execution();
+                    let e = Execution {
+                        id: ExecutionId::new(),
+                        tenant_id: tenant.to_string(),
+                        task_id: new.task_id,
+                        name: new.name,
+                        input: new.input,
+                        goal: new.goal,
+                        max_depth: new.max_depth,
+                        config_profile: new.config_profile,
+                        effective_config: EffectiveConfig::resolve(
+                            new.config_profile,
+                            &new.config_overrides,
+                        ),
+                        config_overrides: new.config_overrides,
+                        metadata: new.metadata,
+                        request_id: None,
+                        run: RunCore::new(
+                            StateProposal::of_type(StateType::Pending).into_state(at),
+                            "conformance",
+                        ),
+                    };
+                    tx.append_state(&tenant, &e.id.to_string(), &e.run.state)
+                        .await?;
+                    let seq = tx
+                        .append_event(&Event {
+                            kind: EventKind::Created,
+                            occurred_at: at,
+                            previous_state_type: None,
+                            resource: Resource::Execution(&e),
+                            task_id: None,
+                        })
+                        .await?;
+                    tx.save_execution(&e, None, seq).await?;
+                    made.push(e);
+                }
+                Ok(made)
+            })
+        })
+        .await
+        .unwrap()
+}
+
+/// Task runs of `execution` created at one instant, written as the ledger
+/// writes a new task run, in one transaction.
+async fn task_runs_created_at(
+    store: &Store,
+    tenant: &str,
+    execution: ExecutionId,
+    at: Timestamp,
+    n: usize,
+) -> Vec<TaskRun> {
+    let owner: Arc<str> = tenant.into();
+    store
+        .write(tenant, move |tx| {
+            let tenant = Arc::clone(&owner);
+            Box::pin(async move {
+                let mut made = Vec::new();
+                for i in 0..n {
+                    let new = new_task_run(execution, "tied");
+                    let t = TaskRun {
+                        id: TaskRunId::new(),
+                        tenant_id: tenant.to_string(),
+                        execution_id: execution,
+                        parent_task_run_id: None,
+                        depth: 1,
+                        task_key: new.task_key,
+                        dynamic_key: format!("tied-{i}"),
+                        name: format!("tied-{i}"),
+                        task_version: None,
+                        cache_key: None,
+                        cache_expiration: None,
+                        retry_policy: new.retry_policy,
+                        tags: new.tags,
+                        labels: new.labels,
+                        input: new.input,
+                        resolved_input: None,
+                        task_inputs: Vec::new(),
+                        stale: false,
+                        run: RunCore::new(
+                            StateProposal::of_type(StateType::Pending).into_state(at),
+                            "conformance",
+                        ),
+                    };
+                    tx.append_state(&tenant, &t.id.to_string(), &t.run.state)
+                        .await?;
+                    let seq = tx
+                        .append_event(&Event {
+                            kind: EventKind::Created,
+                            occurred_at: at,
+                            previous_state_type: None,
+                            resource: Resource::TaskRun(&t),
+                            task_id: None,
+                        })
+                        .await?;
+                    tx.save_task_run(&t, seq).await?;
+                    made.push(t);
+                }
+                Ok(made)
+            })
+        })
+        .await
+        .unwrap()
 }
 
 /// Lets the clock move on, so that runs created on either side differ in
@@ -1538,20 +1660,22 @@ pub(crate) async fn task_run_lists_filter_and_go_newest_first(b: Backend) {
 /// runs are created between them; the new ones are not in later pages.
 pub(crate) async fn list_pages_stay_exact_while_rows_are_inserted(b: Backend) {
     let a = caller("a");
+    // Made a few at once, so that some may share a creation time: the id
+    // orders those.
     let mut made = Vec::new();
-    for i in 0..12 {
-        made.push(
-            b.ledger
-                .create_execution(&a, new_execution())
+    for _ in 0..3 {
+        let calls = (0..4).map(|_| b.ledger.create_execution(&a, new_execution()));
+        made.extend(
+            futures::future::try_join_all(calls)
                 .await
                 .unwrap()
-                .0,
+                .into_iter()
+                .map(|(e, _)| e),
         );
-        // Some share a creation time: the id orders those.
-        if i % 3 == 2 {
-            tick().await;
-        }
+        tick().await;
     }
+    // And several at the very same instant.
+    made.extend(executions_created_at(&b.store, "a", Timestamp::now(), 7).await);
     let expected = newest_first(&made);
     let filter = ExecutionFilter::default();
     let mut seen = Vec::new();
@@ -1595,18 +1719,18 @@ pub(crate) async fn list_pages_stay_exact_while_rows_are_inserted(b: Backend) {
         .await
         .unwrap();
     let mut runs = Vec::new();
-    for i in 0..9 {
-        runs.push(
-            b.ledger
-                .create_task_run(&a, new_task_run(e.id, "k"))
+    for _ in 0..3 {
+        let calls = (0..3).map(|_| b.ledger.create_task_run(&a, new_task_run(e.id, "k")));
+        runs.extend(
+            futures::future::try_join_all(calls)
                 .await
                 .unwrap()
-                .0,
+                .into_iter()
+                .map(|(t, _)| t),
         );
-        if i % 2 == 1 {
-            tick().await;
-        }
+        tick().await;
     }
+    runs.extend(task_runs_created_at(&b.store, "a", e.id, Timestamp::now(), 5).await);
     let filter = TaskRunFilter {
         execution_id: Some(e.id),
         ..TaskRunFilter::default()
