@@ -7,6 +7,8 @@
 
 mod backend;
 mod batch;
+#[cfg(test)]
+pub(crate) mod conformance;
 mod fit;
 pub(crate) mod postgres;
 mod rows;
@@ -21,6 +23,8 @@ pub use crate::domain::page::{
     Cursor, DEFAULT_PAGE_SIZE, ExecutionFilter, HistoryPage, MAX_PAGE_SIZE, Page, TaskRunFilter,
 };
 pub use batch::WriteTx;
+#[cfg(test)]
+pub(crate) use conformance::{conformance_suite, conformance_tests};
 pub use postgres::EVENTS_CHANNEL;
 pub use sqlite::{OpenCause, OpenError};
 pub(crate) use writer::TxFuture;

@@ -600,3 +600,75 @@ fn push_common(
     q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
         .push_bind(page.size as i64 + 1);
 }
+
+#[cfg(test)]
+mod tests {
+    mod conformance {
+        use std::sync::Arc;
+
+        use sqlx::{Connection, PgConnection};
+
+        use crate::store::{CommitListener, Durability, Store, conformance::Guard};
+
+        /// The server the tests make their databases on.
+        fn server() -> String {
+            std::env::var("RUNLEDGER_TEST_POSTGRES")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+        }
+
+        /// A fresh database, dropped with its guard.
+        struct Fresh {
+            server: String,
+            name: String,
+        }
+
+        impl Drop for Fresh {
+            fn drop(&mut self) {
+                let (server, name) = (self.server.clone(), self.name.clone());
+                // Drop cannot wait on the test's runtime: a thread of its own.
+                let _ = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        if let Ok(mut conn) = PgConnection::connect(&server).await {
+                            let drop = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                            let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut conn).await;
+                        }
+                    });
+                })
+                .join();
+            }
+        }
+
+        async fn open(listener: Arc<dyn CommitListener>) -> (Store, Guard) {
+            let server = server();
+            let mut conn = PgConnection::connect(&server).await.unwrap_or_else(|e| {
+                panic!(
+                    "no PostgreSQL server answers at {} ({e}): start one, or set \
+                     RUNLEDGER_TEST_POSTGRES to a server's URL",
+                    crate::database_url::redacted(&server)
+                )
+            });
+            let name = format!("runledger_conformance_{}", uuid::Uuid::now_v7().simple());
+            let create = format!("CREATE DATABASE \"{name}\"");
+            sqlx::query(sqlx::AssertSqlSafe(create))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let fresh = Fresh {
+                server: server.clone(),
+                name: name.clone(),
+            };
+            let (base, _) = server.rsplit_once('/').expect("a database in the URL");
+            let url = format!("{base}/{name}");
+            let (store, writer) = Store::open(&url, Durability::Process, listener)
+                .await
+                .unwrap();
+            (store, Box::new((writer, fresh)))
+        }
+
+        crate::store::conformance_suite!(open);
+    }
+}

@@ -634,4 +634,22 @@ mod tests {
         assert!(!sent.is_stand_in());
         assert_eq!(sent.event().sequence, 3);
     }
+
+    /// The storage conformance suite, on a fresh SQLite file per check.
+    mod conformance {
+        use std::sync::Arc;
+
+        use crate::store::{CommitListener, Durability, Store, conformance::Guard};
+
+        async fn open(listener: Arc<dyn CommitListener>) -> (Store, Guard) {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+            let (store, writer) = Store::open(&url, Durability::Process, listener)
+                .await
+                .unwrap();
+            (store, Box::new((writer, dir)))
+        }
+
+        crate::store::conformance_suite!(open);
+    }
 }
