@@ -37,7 +37,17 @@ async fn run() -> anyhow::Result<()> {
     let config = match Cli::parse().into_command() {
         Command::Serve(config) => config,
         Command::Bench(args) => {
-            runledger::bench::run(args).await?;
+            // Ctrl-C or SIGTERM stops the benchmark's servers and removes
+            // its database before it exits.
+            let mut interrupt = signal(SignalKind::interrupt())?;
+            let mut term = signal(SignalKind::terminate())?;
+            let stop = async move {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = term.recv() => {}
+                }
+            };
+            runledger::bench::run_until(args, stop).await?;
             return Ok(());
         }
         Command::Keys { command } => return run_keys(command).await,

@@ -235,11 +235,15 @@ async fn the_benchmark_measures_a_server_that_has_keys() {
     let args = |api_key: Option<String>| BenchArgs {
         addr: Some(format!("http://{}", app.addr)),
         api_key,
+        database: "sqlite".into(),
+        replicas: 1,
         concurrency: vec![1],
         duration: Duration::from_millis(50),
         subscribers: vec![1],
         rounds: 1,
         catch_up: 0,
+        delivery_changes: 2,
+        delivery_subscribers: 1,
         durability: runledger::store::Durability::Process,
         json: true,
     };

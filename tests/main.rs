@@ -6,6 +6,7 @@
 mod helpers;
 
 mod access;
+mod bench;
 mod history;
 mod idempotency;
 mod layering;

@@ -1,6 +1,7 @@
 //! Fan-out: many subscribers following one execution; how long after a
 //! SetExecutionState call returns each of them has the event, and what an
-//! idle stream costs the server in memory.
+//! idle stream costs the servers in memory. With several servers the
+//! subscribers are spread over all of them and the writer calls the first.
 
 use std::{
     sync::{
@@ -17,7 +18,7 @@ use super::{BenchError, Conn, status};
 use crate::grpc::pb;
 
 /// Streams multiplexed on one client connection.
-const STREAMS_PER_CONNECTION: usize = 100;
+pub(super) const STREAMS_PER_CONNECTION: usize = 100;
 
 #[derive(Debug, Clone, Serialize)]
 pub(super) struct FanoutResult {
@@ -26,15 +27,28 @@ pub(super) struct FanoutResult {
     pub(super) p50_ms: f64,
     pub(super) p99_ms: f64,
     pub(super) max_ms: f64,
-    /// Server resident memory added per open, idle stream.
+    /// Server resident memory added per open, idle stream (all servers'
+    /// growth over all streams).
+    pub(super) bytes_per_idle_stream: Option<f64>,
+    /// The same for each server, with the streams it held.
+    pub(super) per_replica: Vec<ReplicaStreams>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct ReplicaStreams {
+    pub(super) replica: usize,
+    pub(super) streams: usize,
     pub(super) bytes_per_idle_stream: Option<f64>,
 }
 
+/// `channels[i]` is a connection to server `i % servers`; `servers_rss`
+/// reads each server's resident memory.
 pub(super) async fn run(
     channels: &[Conn],
+    servers: usize,
     subscribers: usize,
     rounds: usize,
-    server_rss: &(dyn Fn() -> Option<u64> + Sync),
+    servers_rss: &(dyn Fn() -> Vec<Option<u64>> + Sync),
 ) -> Result<FanoutResult, BenchError> {
     let mut executions =
         pb::execution_service_client::ExecutionServiceClient::new(channels[0].clone());
@@ -49,12 +63,15 @@ pub(super) async fn run(
         .execution
         .ok_or_else(|| BenchError::Client("no execution in the answer".into()))?;
 
-    let rss_before = server_rss();
+    let rss_before = servers_rss();
+    let mut streams = vec![0usize; servers];
     let ready = Arc::new(AtomicUsize::new(0));
     let received = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::with_capacity(subscribers);
     for i in 0..subscribers {
-        let channel = channels[(i / STREAMS_PER_CONNECTION) % channels.len()].clone();
+        let c = (i / STREAMS_PER_CONNECTION) % channels.len();
+        streams[c % servers] += 1;
+        let channel = channels[c].clone();
         let (ready, received, id) = (Arc::clone(&ready), Arc::clone(&received), exec.id.clone());
         tasks.push(tokio::spawn(async move {
             let mut client = pb::execution_service_client::ExecutionServiceClient::new(channel);
@@ -82,10 +99,28 @@ pub(super) async fn run(
     wait_for(&ready, subscribers, Duration::from_secs(120)).await?;
     // Let the server settle before reading its memory.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let bytes_per_idle_stream = match (rss_before, server_rss()) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / subscribers as f64),
-        _ => None,
-    };
+    let rss_after = servers_rss();
+    let growth: Vec<Option<u64>> = rss_before
+        .iter()
+        .zip(&rss_after)
+        .map(|(a, b)| Some(b.as_ref()?.saturating_sub(*a.as_ref()?)))
+        .collect();
+    let per_replica = growth
+        .iter()
+        .zip(&streams)
+        .enumerate()
+        .map(|(replica, (g, &n))| ReplicaStreams {
+            replica,
+            streams: n,
+            bytes_per_idle_stream: g.filter(|_| n > 0).map(|g| g as f64 / n as f64),
+        })
+        .collect();
+    let bytes_per_idle_stream = growth
+        .iter()
+        .copied()
+        .sum::<Option<u64>>()
+        .filter(|_| !growth.is_empty())
+        .map(|g| g as f64 / subscribers as f64);
 
     let mut returned = Vec::with_capacity(rounds);
     for r in 0..rounds {
@@ -128,10 +163,15 @@ pub(super) async fn run(
         p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
         max_ms: hist.max() as f64 / 1000.0,
         bytes_per_idle_stream,
+        per_replica,
     })
 }
 
-async fn wait_for(counter: &AtomicUsize, target: usize, limit: Duration) -> Result<(), BenchError> {
+pub(super) async fn wait_for(
+    counter: &AtomicUsize,
+    target: usize,
+    limit: Duration,
+) -> Result<(), BenchError> {
     let deadline = Instant::now() + limit;
     while counter.load(Ordering::Acquire) < target {
         if Instant::now() > deadline {

@@ -1,10 +1,11 @@
-//! The server under test: a child `runledger serve` process on
-//! 127.0.0.1:0 with a fresh database, so its memory is its own.
+//! The servers under test: child `runledger serve` processes on
+//! 127.0.0.1:0 sharing the benchmark's fresh database, each with memory of
+//! its own.
 
 use std::{
+    collections::VecDeque,
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::Path,
     process::{Child, Command, Stdio},
 };
 
@@ -15,12 +16,21 @@ use crate::store::Durability;
 pub(super) struct ChildServer {
     child: Child,
     pub(super) addr: SocketAddr,
+    /// Its resident memory once listening, in bytes.
+    pub(super) rss_at_start: Option<u64>,
 }
 
+/// How many lines of a server's log an error quotes, at most.
+const QUOTED_LINES: usize = 3;
+
 impl ChildServer {
-    /// `streams`: how many streams the benchmark holds open at once.
+    /// Starts replica `replica` on `database` (a URL; it reaches the
+    /// server through the environment, not the command line other users
+    /// can read). `streams`: how many streams the benchmark holds open on
+    /// one server at once.
     pub(super) fn start(
-        db: &Path,
+        replica: usize,
+        database: &str,
         durability: Durability,
         streams: usize,
     ) -> Result<Self, BenchError> {
@@ -38,22 +48,27 @@ impl ChildServer {
                 durability,
                 "--max-streams-per-key",
                 &(streams + 16).to_string(),
-                "--database",
             ])
-            .arg(db)
+            .env("RUNLEDGER_DATABASE", database)
             .env("RUST_LOG", "warn,runledger::app=info")
             .env("RUNLEDGER_LOG_FORMAT", "text")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| BenchError::Server(format!("starting the server: {e}")))?;
+            .map_err(|e| BenchError::Server(format!("starting server {replica}: {e}")))?;
         let stderr = child.stderr.take().expect("piped");
         let mut lines = BufReader::new(stderr).lines();
+        // The last lines of its log, to say why it stopped if it does.
+        let mut last = VecDeque::with_capacity(QUOTED_LINES);
         let addr = loop {
             let Some(Ok(line)) = lines.next() else {
-                return Err(BenchError::Server(
-                    "the server exited before listening".into(),
-                ));
+                let _ = child.wait();
+                let said = Vec::from(last).join(" / ");
+                return Err(BenchError::Server(if said.is_empty() {
+                    format!("server {replica} exited before listening")
+                } else {
+                    format!("server {replica} exited before listening: {said}")
+                }));
             };
             if let Some(addr) = line
                 .split("addr=")
@@ -63,10 +78,22 @@ impl ChildServer {
             {
                 break addr;
             }
+            let line = line.trim();
+            if !line.is_empty() {
+                if last.len() == QUOTED_LINES {
+                    last.pop_front();
+                }
+                last.push_back(line.to_owned());
+            }
         };
         // Keep draining its log so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Ok(ChildServer { child, addr })
+        let rss_at_start = rss_of(child.id());
+        Ok(ChildServer {
+            child,
+            addr,
+            rss_at_start,
+        })
     }
 
     /// The server's resident memory, in bytes.
