@@ -17,6 +17,7 @@ mod pg_ledger;
 mod postgres;
 mod quiet_streams;
 mod readme;
+mod replicas;
 mod run_streams;
 mod serving;
 mod snapshot_order;

@@ -634,7 +634,9 @@ mod tests {
                     rt.block_on(async {
                         if let Ok(mut conn) = PgConnection::connect(&server).await {
                             let drop = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-                            let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut conn).await;
+                            let _ = sqlx::query(sqlx::AssertSqlSafe(drop))
+                                .execute(&mut conn)
+                                .await;
                         }
                     });
                 })
