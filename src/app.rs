@@ -229,7 +229,12 @@ impl App {
             feed,
             shutdown: shutdown.clone(),
         };
-        let keys = tokio::spawn(refresh_keys(store.clone(), auth.clone(), shutdown.clone()));
+        let keys = tokio::spawn(refresh_keys(
+            store.clone(),
+            auth.clone(),
+            config.clock.clone(),
+            shutdown.clone(),
+        ));
         let pruner = tokio::spawn(prune_events(
             store.clone(),
             config.event_retention,
@@ -366,7 +371,12 @@ fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, StartError> {
 /// Reloads the keys in force every second, so that new and revoked keys
 /// take effect on a running server, and records the keys' request counts
 /// (a crash loses at most the last second's) and when they were last used.
-async fn refresh_keys(store: Store, auth: grpc::auth::Authenticator, shutdown: CancellationToken) {
+async fn refresh_keys(
+    store: Store,
+    auth: grpc::auth::Authenticator,
+    clock: grpc::limits::Clock,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -387,9 +397,19 @@ async fn refresh_keys(store: Store, auth: grpc::auth::Authenticator, shutdown: C
         }
         let counts = auth.take_counts();
         if !counts.is_empty()
-            && let Err(e) = store.record_key_usage(counts).await
+            && let Err(e) = store.record_key_usage(counts.clone()).await
         {
             warn!(error = %e, "recording API key request counts");
+            // Recorded with the next ones.
+            auth.restore_counts(counts);
+        }
+        // Other servers on the database count too.
+        if store.is_shared() {
+            let (day, _) = clock.today();
+            match store.key_usage(day).await {
+                Ok(totals) => auth.refresh_counts(day, totals),
+                Err(e) => warn!(error = %e, "reading API key request counts"),
+            }
         }
         let used = auth.take_used();
         if !used.is_empty()

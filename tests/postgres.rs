@@ -243,6 +243,7 @@ async fn the_migrations_apply_to_a_fresh_database_and_a_second_run_changes_nothi
             "cache_entries",
             "events",
             "executions",
+            "key_buckets",
             "key_usage",
             "states",
             "task_runs",

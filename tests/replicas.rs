@@ -294,3 +294,68 @@ async fn the_same_idempotency_key_sent_to_every_replica_at_once_acts_once() {
         1
     );
 }
+
+/// Sends `n` ListExecutions calls with `secret`, spread over `channels`, all
+/// at once; how many were served and how many refused as exhausted.
+async fn burst(channels: &[Channel], secret: &str, n: usize) -> (usize, usize) {
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            let mut execs = ExecutionServiceClient::new(channels[i % channels.len()].clone());
+            let mut request = tonic::Request::new(pb::ListExecutionsRequest::default());
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+            tokio::spawn(async move { execs.list_executions(request).await })
+        })
+        .collect();
+    let (mut served, mut refused) = (0, 0);
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(_) => served += 1,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => refused += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    (served, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keys_quota_and_rate_hold_for_all_replicas_together() {
+    let db = TestDatabase::create().await;
+    let mut conn = runledger::keys::connect(db.url())
+        .await
+        .expect("keys connect");
+    let key = |name: &str, rate: Option<f64>, daily_quota: Option<i64>| runledger::keys::NewKey {
+        tenant: "acme".into(),
+        name: name.into(),
+        rate,
+        daily_quota,
+    };
+    let quota = runledger::keys::create(&mut conn, key("quota", None, Some(20)))
+        .await
+        .unwrap()
+        .1;
+    let rate = runledger::keys::create(&mut conn, key("rate", Some(3.0), None))
+        .await
+        .unwrap()
+        .1;
+    let url = db.url().to_owned();
+    let replicas: Vec<Process> = (0..3).map(|_| Process::start(Path::new(&url))).collect();
+    let mut channels = Vec::new();
+    for r in &replicas {
+        channels.push(connect(r.addr).await);
+    }
+
+    // 20 a day: 45 calls over three servers at once get 20 answers, not 45
+    // (three servers each counting 20 alone would serve all of them).
+    assert_eq!(burst(&channels, &quota, 45).await, (20, 25));
+    // And the day's quota stays spent on every server.
+    assert_eq!(burst(&channels, &quota, 3).await, (0, 3));
+
+    // 3 a second, as many at once: a burst of 30 gets about 3, not 9.
+    let (served, refused) = burst(&channels, &rate, 30).await;
+    assert!(
+        (3..=4).contains(&served),
+        "{served} served, {refused} refused"
+    );
+}

@@ -139,7 +139,10 @@ async fn shutdown_stops_the_writer_while_a_store_handle_is_still_held() {
     create_execution(&app).await;
     // The store stays held, as by a call whose client went quiet.
     app.stop().await;
-    match store.record_key_usage(vec![("k".into(), 1, 1)]).await {
+    match store
+        .record_key_usage(vec![("t".into(), "k".into(), 1, 1)])
+        .await
+    {
         Err(runledger::Error::Unavailable) => {}
         other => panic!("expected UNAVAILABLE after shutdown, got {other:?}"),
     }

@@ -96,12 +96,29 @@ impl Authenticator {
         }
     }
 
-    /// Requests counted since last asked: (key id, day, requests that day).
-    pub fn take_counts(&self) -> Vec<(String, i64, i64)> {
+    /// Requests counted since last asked: (tenant, key id, day, requests
+    /// to add to that day's count).
+    pub fn take_counts(&self) -> Vec<(String, String, i64, i64)> {
         self.limits
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take_dirty()
+    }
+
+    /// Puts back counts that could not be recorded, to record later.
+    pub fn restore_counts(&self, counts: Vec<(String, String, i64, i64)>) {
+        self.limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(counts);
+    }
+
+    /// Takes today's request totals as recorded by every server.
+    pub fn refresh_counts(&self, day: i64, totals: std::collections::HashMap<String, i64>) {
+        self.limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .refresh(day, totals);
     }
 
     /// Replaces the keys in force (revocations and new keys take effect).
@@ -128,6 +145,43 @@ impl Authenticator {
             .collect()
     }
 
+    /// Counts a call of `key` against its limits, or refuses it. On a
+    /// database other servers share, a key's rate and quota are taken from
+    /// the store, so that they hold for all servers together; this
+    /// server's own counts refuse early what is over them already.
+    async fn admit(&self, key: &ActiveKey) -> Result<(), Status> {
+        let today = self.clock.today();
+        let limits = || self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = self
+            .ledger
+            .as_ref()
+            .filter(|l| l.store().is_shared() && (key.rate.is_some() || key.daily_quota.is_some()));
+        let Some(ledger) = shared else {
+            return limits().admit(key, Instant::now(), today);
+        };
+        limits().check(key, Instant::now(), today)?;
+        if let Some(rate) = key.rate
+            && let Some(wait) = ledger.take_token(key, rate).await.map_err(Status::from)?
+        {
+            return Err(super::limits::rate_exhausted(rate, wait));
+        }
+        let counted = match key.daily_quota {
+            Some(quota) => {
+                if !ledger
+                    .take_quota(key, today.0, quota)
+                    .await
+                    .map_err(Status::from)?
+                {
+                    return Err(super::limits::quota_exhausted(quota, today.1));
+                }
+                super::limits::Counted::InStore
+            }
+            None => super::limits::Counted::Here,
+        };
+        limits().count(key, today.0, counted);
+        Ok(())
+    }
+
     /// Who sends these headers, counting the call against the key's limits.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, Status> {
         let Some(secret) = secret(headers)? else {
@@ -147,10 +201,7 @@ impl Authenticator {
             .key(secret, &hash)
             .await?
             .ok_or_else(|| Status::unauthenticated("unknown or revoked API key"))?;
-        self.limits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .admit(&key, Instant::now(), self.clock.today())?;
+        self.admit(&key).await?;
         self.used
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -66,12 +66,23 @@ struct Bucket {
 #[derive(Debug, Default)]
 pub struct Limits {
     buckets: HashMap<String, Bucket>,
-    /// Requests per key id on `day`.
+    /// Requests per key id on `day`: the total last read from the store
+    /// (every server's) and those counted here since.
     counts: HashMap<String, i64>,
     day: i64,
-    /// Counts changed since last persisted, by key id and the day they
-    /// belong to.
-    dirty: HashMap<(String, i64), i64>,
+    /// Requests counted here and not yet recorded, by key id and the day
+    /// they belong to, with the key's tenant.
+    dirty: HashMap<(String, i64), (String, i64)>,
+}
+
+/// How a request is counted against its key's daily quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Here, recorded later.
+    Here,
+    /// In the store already, which took it from the quota shared by every
+    /// server.
+    InStore,
 }
 
 impl Limits {
@@ -86,6 +97,20 @@ impl Limits {
 
     /// Counts one request of `key`, or refuses it.
     pub fn admit(
+        &mut self,
+        key: &ActiveKey,
+        now: Instant,
+        today: (i64, Duration),
+    ) -> Result<(), Status> {
+        self.check(key, now, today)?;
+        self.count(key, today.0, Counted::Here);
+        Ok(())
+    }
+
+    /// Refuses a request of `key` over its rate or its quota as far as
+    /// this server knows (its count never exceeds the true one), counting
+    /// nothing.
+    pub fn check(
         &mut self,
         key: &ActiveKey,
         now: Instant,
@@ -122,21 +147,73 @@ impl Limits {
                 day_left,
             ));
         }
-        if let Some(b) = self.buckets.get_mut(&key.id) {
-            b.tokens -= 1.0;
-        }
-        self.counts.insert(key.id.clone(), used + 1);
-        self.dirty.insert((key.id.clone(), day), used + 1);
         Ok(())
     }
 
-    /// The counts to persist: (key id, day, requests so far that day).
-    pub fn take_dirty(&mut self) -> Vec<(String, i64, i64)> {
+    /// Counts one request of `key` on `day` (which [`Limits::check`] let
+    /// through).
+    pub fn count(&mut self, key: &ActiveKey, day: i64, counted: Counted) {
+        if day != self.day {
+            self.day = day;
+            self.counts.clear();
+        }
+        if let Some(b) = self.buckets.get_mut(&key.id) {
+            b.tokens -= 1.0;
+        }
+        *self.counts.entry(key.id.clone()).or_default() += 1;
+        if counted == Counted::Here {
+            let (_, n) = self
+                .dirty
+                .entry((key.id.clone(), day))
+                .or_insert_with(|| (key.caller.tenant_id.clone(), 0));
+            *n += 1;
+        }
+    }
+
+    /// The requests to record, counted since last asked: (tenant, key id,
+    /// day, requests to add to that day's count).
+    pub fn take_dirty(&mut self) -> Vec<(String, String, i64, i64)> {
         self.dirty
             .drain()
-            .map(|((id, day), n)| (id, day, n))
+            .map(|((id, day), (tenant, n))| (tenant, id, day, n))
             .collect()
     }
+
+    /// Puts back counts [`Limits::take_dirty`] gave that were not recorded.
+    pub fn restore(&mut self, counts: Vec<(String, String, i64, i64)>) {
+        for (tenant, id, day, n) in counts {
+            self.dirty.entry((id, day)).or_insert_with(|| (tenant, 0)).1 += n;
+        }
+    }
+
+    /// Takes today's totals as recorded (every server's, including what
+    /// this one recorded), adding what was counted here since.
+    pub fn refresh(&mut self, day: i64, totals: HashMap<String, i64>) {
+        if day != self.day {
+            return;
+        }
+        for (id, total) in totals {
+            let pending = self.dirty.get(&(id.clone(), day)).map_or(0, |(_, n)| *n);
+            let count = self.counts.entry(id).or_default();
+            *count = (*count).max(total + pending);
+        }
+    }
+}
+
+/// A request over a daily quota, to retry in `day_left`.
+pub fn quota_exhausted(quota: i64, day_left: Duration) -> Status {
+    exhausted(
+        format!("daily limit of {quota} requests exceeded"),
+        day_left,
+    )
+}
+
+/// A request over a rate, to retry in `wait`.
+pub fn rate_exhausted(rate: f64, wait: Duration) -> Status {
+    exhausted(
+        format!("rate limit of {rate} requests per second exceeded"),
+        wait,
+    )
 }
 
 fn exhausted(message: String, retry_after: Duration) -> Status {
@@ -192,7 +269,7 @@ mod tests {
             refused.get_details_retry_info().unwrap().retry_delay,
             Some(Duration::from_secs(60))
         );
-        assert_eq!(l.take_dirty(), [("k".to_owned(), 1, 3)]);
+        assert_eq!(l.take_dirty(), [("t".to_owned(), "k".to_owned(), 1, 1)]);
         assert!(
             l.admit(&k, now, (2, Duration::from_secs(86_400))).is_ok(),
             "a new day"
@@ -211,6 +288,39 @@ mod tests {
         l.admit(&b, now, (2, Duration::from_secs(86_399))).unwrap();
         let mut dirty = l.take_dirty();
         dirty.sort();
-        assert_eq!(dirty, [("b".to_owned(), 2, 1), ("k".to_owned(), 1, 3)]);
+        assert_eq!(
+            dirty,
+            [
+                ("t".to_owned(), "b".to_owned(), 2, 1),
+                ("t".to_owned(), "k".to_owned(), 1, 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn other_servers_counts_join_what_was_counted_here() {
+        let mut l = Limits::new(1, HashMap::new());
+        let k = key(None, Some(10));
+        let now = Instant::now();
+        let today = (1, Duration::from_secs(60));
+        for _ in 0..3 {
+            l.admit(&k, now, today).unwrap();
+        }
+        let recorded = l.take_dirty();
+        assert_eq!(recorded, [("t".to_owned(), "k".to_owned(), 1, 3)]);
+        // Counted while recording; then the store says 8 in all (these 3
+        // and 5 from elsewhere).
+        l.admit(&k, now, today).unwrap();
+        l.refresh(1, HashMap::from([("k".to_owned(), 8)]));
+        l.admit(&k, now, today).unwrap();
+        assert_eq!(
+            l.admit(&k, now, today).unwrap_err().code(),
+            Code::ResourceExhausted,
+            "8 recorded + 2 counted here reach the quota"
+        );
+        // Counted in the store: not recorded again.
+        let mut m = Limits::new(1, HashMap::new());
+        m.count(&k, 1, Counted::InStore);
+        assert!(m.take_dirty().is_empty());
     }
 }

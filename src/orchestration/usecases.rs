@@ -275,6 +275,31 @@ impl Ledger {
         Ok(n)
     }
 
+    /// Takes one request from `key`'s daily quota, shared by every server
+    /// on the database; false when none is left.
+    pub async fn take_quota(
+        &self,
+        key: &crate::keys::ActiveKey,
+        day: i64,
+        quota: i64,
+    ) -> Result<bool> {
+        self.store
+            .take_quota(&key.caller.tenant_id, &key.id, day, quota)
+            .await
+    }
+
+    /// Takes one token from `key`'s rate bucket, shared by every server on
+    /// the database; how long to wait when none is left.
+    pub async fn take_token(
+        &self,
+        key: &crate::keys::ActiveKey,
+        rate: f64,
+    ) -> Result<Option<std::time::Duration>> {
+        self.store
+            .take_token(&key.caller.tenant_id, &key.id, rate)
+            .await
+    }
+
     /// The API key in force with this secret hash.
     pub async fn find_key(&self, hash: &str) -> Result<Option<crate::keys::ActiveKey>> {
         self.store.find_key(hash).await

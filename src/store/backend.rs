@@ -140,8 +140,8 @@ pub(crate) trait TxBackend: Send {
         limit: i64,
     ) -> Result<(Vec<(String, String)>, Vec<(String, String)>)>;
 
-    /// Records request counts: (key id, day, requests that day).
-    async fn record_key_usage(&mut self, counts: &[(String, i64, i64)]) -> Result<()>;
+    /// Adds request counts: (tenant, key id, day, requests to add).
+    async fn record_key_usage(&mut self, counts: &[(String, String, i64, i64)]) -> Result<()>;
     /// Records when these API keys (by secret hash) were last used.
     async fn touch_keys(&mut self, hashes: &[String], at: Timestamp) -> Result<()>;
 
@@ -246,6 +246,30 @@ pub(crate) trait ReadBackend: Send + Sync + std::fmt::Debug {
     async fn find_key(&self, hash: &str) -> Result<Option<ActiveKey>>;
     /// Today's request counts per key id, summed over every writer.
     async fn key_usage(&self, day: i64) -> Result<HashMap<String, i64>>;
+    /// See `Store::take_quota`: for a database several servers share (one
+    /// server counts its keys' requests itself).
+    async fn take_quota(
+        &self,
+        _tenant: &str,
+        _key_id: &str,
+        _day: i64,
+        _quota: i64,
+    ) -> Result<bool> {
+        Err(crate::Error::Internal(
+            "quotas are taken from the store only on a shared database".into(),
+        ))
+    }
+    /// See `Store::take_token`, likewise.
+    async fn take_token(
+        &self,
+        _tenant: &str,
+        _key_id: &str,
+        _rate: f64,
+    ) -> Result<Option<std::time::Duration>> {
+        Err(crate::Error::Internal(
+            "rates are taken from the store only on a shared database".into(),
+        ))
+    }
     async fn close(&self);
 }
 

@@ -472,8 +472,11 @@ impl<'c> WriteTx<'c> {
         ))
     }
 
-    /// Records request counts per key and day (a count only grows).
-    pub(crate) async fn record_key_usage(&mut self, counts: &[(String, i64, i64)]) -> Result<()> {
+    /// Adds request counts per key and day.
+    pub(crate) async fn record_key_usage(
+        &mut self,
+        counts: &[(String, String, i64, i64)],
+    ) -> Result<()> {
         self.writes_in_op += counts.len();
         self.backend.record_key_usage(counts).await
     }

@@ -2451,7 +2451,7 @@ pub(crate) async fn a_failing_write_fails_alone(b: Backend) {
     }
     // Key usage itself still records.
     b.store
-        .record_key_usage(vec![("probe".into(), 7, 3)])
+        .record_key_usage(vec![("a".into(), "probe".into(), 7, 3)])
         .await
         .unwrap();
     assert_eq!(b.store.key_usage(7).await.unwrap().get("probe"), Some(&3));

@@ -561,8 +561,32 @@ impl Store {
         self.reads.key_usage(day).await
     }
 
-    /// Records request counts: (key id, day, requests that day).
-    pub async fn record_key_usage(&self, counts: Vec<(String, i64, i64)>) -> Result<()> {
+    /// Takes one request from a key's daily quota, for every server on
+    /// the database: false when the day's count has reached `quota`.
+    pub async fn take_quota(
+        &self,
+        tenant: &str,
+        key_id: &str,
+        day: i64,
+        quota: i64,
+    ) -> Result<bool> {
+        self.reads.take_quota(tenant, key_id, day, quota).await
+    }
+
+    /// Takes one token from a key's bucket (`rate` per second, as many at
+    /// once), for every server on the database: how long to wait when
+    /// none is left.
+    pub async fn take_token(
+        &self,
+        tenant: &str,
+        key_id: &str,
+        rate: f64,
+    ) -> Result<Option<std::time::Duration>> {
+        self.reads.take_token(tenant, key_id, rate).await
+    }
+
+    /// Adds request counts: (tenant, key id, day, requests to add).
+    pub async fn record_key_usage(&self, counts: Vec<(String, String, i64, i64)>) -> Result<()> {
         let counts = Arc::new(counts);
         self.write_system(move |tx| {
             let counts = Arc::clone(&counts);

@@ -446,7 +446,7 @@ impl Store {
     /// panics, as a defect in an operation would.
     #[doc(hidden)]
     pub async fn write_then_panic(&self, key_id: String, day: i64) -> Result<()> {
-        let counts = Arc::new(vec![(key_id, day, 1)]);
+        let counts = Arc::new(vec![(String::new(), key_id, day, 1)]);
         self.write_system(move |tx| {
             let counts = Arc::clone(&counts);
             Box::pin(async move { record_then_panic(tx, &counts).await })
@@ -462,7 +462,10 @@ impl Store {
     }
 }
 
-async fn record_then_panic(tx: &mut WriteTx<'_>, counts: &[(String, i64, i64)]) -> Result<()> {
+async fn record_then_panic(
+    tx: &mut WriteTx<'_>,
+    counts: &[(String, String, i64, i64)],
+) -> Result<()> {
     tx.record_key_usage(counts).await?;
     panic!("a defect in a write operation");
 }

@@ -404,6 +404,37 @@ impl ReadBackend for PgReads {
         crate::keys::postgres::usage_today(&mut conn, day).await
     }
 
+    async fn take_quota(&self, tenant: &str, key_id: &str, day: i64, quota: i64) -> Result<bool> {
+        let taken: Option<i64> = sqlx::query_scalar(sql::TAKE_QUOTA)
+            .bind(tenant)
+            .bind(key_id)
+            .bind(day)
+            .bind(quota)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(read_error)?;
+        Ok(taken.is_some())
+    }
+
+    async fn take_token(
+        &self,
+        tenant: &str,
+        key_id: &str,
+        rate: f64,
+    ) -> Result<Option<std::time::Duration>> {
+        let left: Option<f64> = sqlx::query_scalar(sql::TAKE_TOKEN)
+            .bind(tenant)
+            .bind(key_id)
+            .bind(rate)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(read_error)?;
+        // None left: about one token's time.
+        Ok(left
+            .is_none()
+            .then(|| std::time::Duration::from_secs_f64(1.0 / rate.max(f64::MIN_POSITIVE))))
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }

@@ -67,14 +67,29 @@ pub(crate) const TRANSITION: &str = "SELECT result FROM transitions \
      WHERE tenant_id = $1 AND run_id = $2 AND transition_id = $3";
 pub(crate) const RECORD_TRANSITION: &str =
     "INSERT INTO transitions (tenant_id, run_id, transition_id, result) VALUES ($1, $2, $3, $4)";
-/// Request counts by key id, each stored under its key's tenant; a count
-/// only grows.
+/// Request counts to add, by tenant, key id and day.
 pub(crate) const RECORD_KEY_USAGE: &str = "INSERT INTO key_usage (tenant_id, key_id, day, requests) \
-     SELECT k.tenant_id, x.key_id, x.day, x.requests \
-     FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS x (key_id, day, requests) \
-     JOIN api_keys AS k ON k.id = x.key_id \
+     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) \
      ON CONFLICT (tenant_id, key_id, day) DO UPDATE \
-     SET requests = GREATEST(key_usage.requests, excluded.requests)";
+     SET requests = key_usage.requests + excluded.requests";
+/// One request from a key's daily quota ($4), if any is left: the new
+/// count, or no row.
+pub(crate) const TAKE_QUOTA: &str = "INSERT INTO key_usage AS u (tenant_id, key_id, day, requests) \
+     SELECT $1, $2, $3, 1 WHERE $4 > 0 \
+     ON CONFLICT (tenant_id, key_id, day) DO UPDATE SET requests = u.requests + 1 \
+     WHERE u.requests < $4 \
+     RETURNING requests";
+/// One token from a key's bucket: $3 tokens a second, as many held at
+/// most, refilled by the database's clock; the tokens left, or no row when
+/// none was.
+pub(crate) const TAKE_TOKEN: &str = "WITH now AS (SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint AS at) \
+     INSERT INTO key_buckets AS b (tenant_id, key_id, tokens, at) \
+     SELECT $1, $2, GREATEST($3, 1.0) - 1, now.at FROM now \
+     ON CONFLICT (tenant_id, key_id) DO UPDATE \
+     SET tokens = LEAST(GREATEST($3, 1.0), b.tokens + (excluded.at - b.at) / 1e6 * $3) - 1, \
+         at = excluded.at \
+     WHERE LEAST(GREATEST($3, 1.0), b.tokens + (excluded.at - b.at) / 1e6 * $3) >= 1 \
+     RETURNING tokens";
 pub(crate) const TOUCH_KEYS: &str =
     "UPDATE api_keys SET last_used_at = $1 WHERE secret_hash = ANY($2)";
 

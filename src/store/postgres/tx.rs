@@ -393,26 +393,30 @@ impl TxBackend for PgTx {
         Ok((executions, task_runs))
     }
 
-    async fn record_key_usage(&mut self, counts: &[(String, i64, i64)]) -> Result<()> {
+    async fn record_key_usage(&mut self, counts: &[(String, String, i64, i64)]) -> Result<()> {
         // One row per key and day (a statement may change a row once).
-        let mut most: HashMap<(&str, i64), i64> = HashMap::new();
-        for (key, day, requests) in counts {
-            let n = most.entry((key.as_str(), *day)).or_default();
-            *n = (*n).max(*requests);
+        let mut sums: HashMap<(&str, &str, i64), i64> = HashMap::new();
+        for (tenant, key, day, requests) in counts {
+            *sums
+                .entry((tenant.as_str(), key.as_str(), *day))
+                .or_default() += *requests;
         }
-        if most.is_empty() {
+        if sums.is_empty() {
             return Ok(());
         }
-        let (mut keys, mut days, mut requests) = (Vec::new(), Vec::new(), Vec::new());
-        for ((key, day), n) in most {
+        let (mut tenants, mut keys, mut days, mut requests) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((tenant, key, day), n) in sums {
+            tenants.push(tenant);
             keys.push(key);
             days.push(day);
             requests.push(n);
         }
         run!(self, |conn| sqlx::query(sql::RECORD_KEY_USAGE)
-            .bind(keys)
-            .bind(days)
-            .bind(requests)
+            .bind(&tenants)
+            .bind(&keys)
+            .bind(&days)
+            .bind(&requests)
             .execute(conn))?;
         Ok(())
     }

@@ -255,11 +255,11 @@ impl TxBackend for SqliteTx {
         Ok((executions, task_runs))
     }
 
-    async fn record_key_usage(&mut self, counts: &[(String, i64, i64)]) -> Result<()> {
-        for (key_id, day, requests) in counts {
+    async fn record_key_usage(&mut self, counts: &[(String, String, i64, i64)]) -> Result<()> {
+        for (_tenant, key_id, day, requests) in counts {
             sqlx::query(
                 "INSERT INTO key_usage (key_id, day, requests) VALUES (?, ?, ?) \
-                 ON CONFLICT (key_id, day) DO UPDATE SET requests = MAX(requests, excluded.requests)",
+                 ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + excluded.requests",
             )
             .bind(key_id)
             .bind(day)
