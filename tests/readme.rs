@@ -79,7 +79,7 @@ fn every_runledger_command_in_the_readme_parses() {
             continue;
         };
         let args = args
-            .split(['|', ')'])
+            .split(['|', ')', '&'])
             .next()
             .unwrap()
             .split_whitespace()
