@@ -67,7 +67,7 @@ async fn new_key(dir: &std::path::Path, name: &str, daily_quota: Option<i64>) ->
 async fn a_key_works_the_moment_it_is_made_and_garbage_is_still_refused() {
     // Open on loopback until the first key, then keyed.
     let app = spawn_app().await;
-    let first = new_key(app.dir.path(), "first", None).await;
+    let first = new_key(app.storage.path(), "first", None).await;
     let mut c = executions(&app, &format!("Bearer {first}")).await;
     let e = c
         .create_execution(goal("right away"))
@@ -85,7 +85,7 @@ async fn a_key_works_the_moment_it_is_made_and_garbage_is_still_refused() {
     assert_eq!(keyless.unwrap_err().code(), Code::Unauthenticated);
 
     // Once keys are in force, a new one works at once too.
-    let second = new_key(app.dir.path(), "second", None).await;
+    let second = new_key(app.storage.path(), "second", None).await;
     let mut c = executions(&app, &format!("Bearer {second}")).await;
     c.create_execution(goal("right away"))
         .await
@@ -106,7 +106,7 @@ async fn a_key_works_the_moment_it_is_made_and_garbage_is_still_refused() {
 #[tokio::test]
 async fn an_authorization_header_without_bearer_says_so() {
     let app = spawn_app().await;
-    let secret = new_key(app.dir.path(), "k", None).await;
+    let secret = new_key(app.storage.path(), "k", None).await;
     for sent in [secret.clone(), format!("Token {secret}"), "Bearer ".into()] {
         let mut c = executions(&app, &sent).await;
         let err = c.create_execution(goal("g")).await.unwrap_err();

@@ -108,7 +108,7 @@ async fn spawn_two_tenants() -> (TestApp, Arc<ReadStats>, Tenant, Tenant) {
         events: EventServiceClient::new(channel),
         shutdown,
         server,
-        dir,
+        storage: dir.into(),
     };
     (app, stats, a, b)
 }

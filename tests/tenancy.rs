@@ -452,7 +452,7 @@ async fn a_revoked_key_stops_working_within_seconds() {
     let (app, channel, a_secret, _) = two_tenants().await;
     let mut a = client(&app, &channel, Some(&a_secret));
     a.executions.create_execution(goal("before")).await.unwrap();
-    let url = format!("sqlite://{}", db_path(app.dir.path()).display());
+    let url = format!("sqlite://{}", db_path(app.storage.path()).display());
     let mut conn = keys::connect(&url).await.unwrap();
     keys::revoke(&mut conn, "acme-worker").await.unwrap();
     let started = Instant::now();
@@ -498,7 +498,7 @@ async fn without_keys_only_loopback_serves_open_and_a_new_key_closes_it() {
         (e.tenant_id.as_str(), e.updated_by.as_str()),
         ("default", "anonymous")
     );
-    let url = format!("sqlite://{}", db_path(app.dir.path()).display());
+    let url = format!("sqlite://{}", db_path(app.storage.path()).display());
     let mut conn = keys::connect(&url).await.unwrap();
     keys::create(
         &mut conn,
