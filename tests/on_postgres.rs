@@ -12,6 +12,10 @@ pub const BACKEND: helpers::Backend = helpers::Backend::Postgres;
 
 mod ledger;
 mod lists;
+mod orchestration;
 mod run_streams;
 mod snapshot_order;
+mod stalled_streams;
 mod streams;
+mod validation;
+mod values;
