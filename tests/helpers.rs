@@ -62,6 +62,15 @@ impl Storage {
         self.dir.path()
     }
 
+    /// The database's URL (`sqlite://` and the file, or the PostgreSQL
+    /// URL), for opening it beside the server.
+    pub fn url(&self) -> String {
+        match &self.pg {
+            Some(db) => db.url().to_owned(),
+            None => format!("sqlite://{}", db_path(self.dir.path()).display()),
+        }
+    }
+
     /// What `--database` names: the PostgreSQL URL, or the SQLite file.
     pub fn database(&self) -> String {
         match &self.pg {

@@ -10,12 +10,15 @@ mod test_database;
 /// The backend `helpers::spawn_app` starts its servers on.
 pub const BACKEND: helpers::Backend = helpers::Backend::Postgres;
 
+mod access;
 mod ledger;
 mod lists;
 mod orchestration;
+mod quiet_streams;
 mod run_streams;
 mod snapshot_order;
 mod stalled_streams;
 mod streams;
+mod tenancy;
 mod validation;
 mod values;
