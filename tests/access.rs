@@ -48,12 +48,8 @@ async fn events(app: &TestApp, secret: &str) -> pb::event_service_client::EventS
     )
 }
 
-fn db_url(dir: &std::path::Path) -> String {
-    format!("sqlite://{}", db_path(dir).display())
-}
-
-async fn new_key(dir: &std::path::Path, name: &str, daily_quota: Option<i64>) -> String {
-    let mut conn = keys::connect(&db_url(dir)).await.unwrap();
+async fn new_key(storage: &Storage, name: &str, daily_quota: Option<i64>) -> String {
+    let mut conn = keys::connect(&storage.url()).await.unwrap();
     let new = keys::NewKey {
         tenant: "acme".into(),
         name: name.into(),
@@ -67,7 +63,7 @@ async fn new_key(dir: &std::path::Path, name: &str, daily_quota: Option<i64>) ->
 async fn a_key_works_the_moment_it_is_made_and_garbage_is_still_refused() {
     // Open on loopback until the first key, then keyed.
     let app = spawn_app().await;
-    let first = new_key(app.dir.path(), "first", None).await;
+    let first = new_key(&app.storage, "first", None).await;
     let mut c = executions(&app, &format!("Bearer {first}")).await;
     let e = c
         .create_execution(goal("right away"))
@@ -85,7 +81,7 @@ async fn a_key_works_the_moment_it_is_made_and_garbage_is_still_refused() {
     assert_eq!(keyless.unwrap_err().code(), Code::Unauthenticated);
 
     // Once keys are in force, a new one works at once too.
-    let second = new_key(app.dir.path(), "second", None).await;
+    let second = new_key(&app.storage, "second", None).await;
     let mut c = executions(&app, &format!("Bearer {second}")).await;
     c.create_execution(goal("right away"))
         .await
@@ -106,7 +102,7 @@ async fn a_key_works_the_moment_it_is_made_and_garbage_is_still_refused() {
 #[tokio::test]
 async fn an_authorization_header_without_bearer_says_so() {
     let app = spawn_app().await;
-    let secret = new_key(app.dir.path(), "k", None).await;
+    let secret = new_key(&app.storage, "k", None).await;
     for sent in [secret.clone(), format!("Token {secret}"), "Bearer ".into()] {
         let mut c = executions(&app, &sent).await;
         let err = c.create_execution(goal("g")).await.unwrap_err();
@@ -132,9 +128,9 @@ fn settable_clock(start: SystemTime) -> (Clock, Arc<Mutex<SystemTime>>) {
 
 #[tokio::test]
 async fn a_daily_quota_starts_afresh_after_midnight_even_across_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let limited = new_key(dir.path(), "limited", Some(3)).await;
-    let other = new_key(dir.path(), "other", None).await;
+    let dir = Storage::fresh().await;
+    let limited = new_key(&dir, "limited", Some(3)).await;
+    let other = new_key(&dir, "other", None).await;
     let midnight = UNIX_EPOCH + Duration::from_secs(20_000 * 86_400);
     let (clock, now) = settable_clock(midnight - Duration::from_millis(1500));
     let app = spawn_in(dir, |c| c.clock = clock.clone()).await;
@@ -179,9 +175,9 @@ async fn a_daily_quota_starts_afresh_after_midnight_even_across_a_restart() {
 
 #[tokio::test]
 async fn a_key_holds_at_most_its_cap_of_open_streams() {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = new_key(dir.path(), "watcher", None).await;
-    let other = new_key(dir.path(), "other", None).await;
+    let dir = Storage::fresh().await;
+    let secret = new_key(&dir, "watcher", None).await;
+    let other = new_key(&dir, "other", None).await;
     let app = spawn_in(dir, |c| c.max_streams_per_key = 2).await;
     let mut ev = events(&app, &secret).await;
     let open = |mut ev: pb::event_service_client::EventServiceClient<Svc>| async move {
@@ -229,8 +225,8 @@ async fn a_key_holds_at_most_its_cap_of_open_streams() {
 
 #[tokio::test]
 async fn the_benchmark_measures_a_server_that_has_keys() {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = new_key(dir.path(), "bench", None).await;
+    let dir = Storage::fresh().await;
+    let secret = new_key(&dir, "bench", None).await;
     let app = spawn_in(dir, |_| {}).await;
     let args = |api_key: Option<String>| BenchArgs {
         addr: Some(format!("http://{}", app.addr)),

@@ -1,8 +1,10 @@
 //! One way to start the service for a test: in-process on 127.0.0.1:0
-//! with a fresh SQLite file (or a fresh PostgreSQL database), or as a real
-//! process for crash tests.
+//! on a fresh database of the test binary's backend (`crate::BACKEND`: a
+//! SQLite file, or a PostgreSQL database of its own), or as a real process
+//! for crash tests.
 
 use std::{
+    ffi::OsStr,
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -17,12 +19,73 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::postgres::TestDatabase;
+use crate::test_database::TestDatabase;
 
 pub use pb::{
     event_service_client::EventServiceClient, execution_service_client::ExecutionServiceClient,
     task_run_service_client::TaskRunServiceClient,
 };
+
+/// The storage backend a test binary runs its servers on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file in the test's temporary folder.
+    Sqlite,
+    /// A fresh PostgreSQL database (`test_database::TestDatabase`).
+    Postgres,
+}
+
+/// Where a test's server keeps its data: a temporary folder, holding the
+/// SQLite file unless a PostgreSQL database is given. Handing it to
+/// `spawn_in` again (a restart) reaches the same data.
+#[derive(Debug)]
+pub struct Storage {
+    pub dir: TempDir,
+    pub pg: Option<Arc<TestDatabase>>,
+}
+
+impl Storage {
+    /// Fresh storage on the test binary's backend.
+    pub async fn fresh() -> Storage {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        match crate::BACKEND {
+            Backend::Sqlite => Storage { dir, pg: None },
+            Backend::Postgres => Storage {
+                dir,
+                pg: Some(Arc::new(TestDatabase::create().await)),
+            },
+        }
+    }
+
+    /// The temporary folder.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The database's URL (`sqlite://` and the file, or the PostgreSQL
+    /// URL), for opening it beside the server.
+    pub fn url(&self) -> String {
+        match &self.pg {
+            Some(db) => db.url().to_owned(),
+            None => format!("sqlite://{}", db_path(self.dir.path()).display()),
+        }
+    }
+
+    /// What `--database` names: the PostgreSQL URL, or the SQLite file.
+    pub fn database(&self) -> String {
+        match &self.pg {
+            Some(db) => db.url().to_owned(),
+            None => db_path(self.dir.path()).display().to_string(),
+        }
+    }
+}
+
+/// A SQLite file in this folder.
+impl From<TempDir> for Storage {
+    fn from(dir: TempDir) -> Self {
+        Storage { dir, pg: None }
+    }
+}
 
 #[derive(Debug)]
 pub struct TestApp {
@@ -32,7 +95,7 @@ pub struct TestApp {
     pub events: EventServiceClient<Channel>,
     pub shutdown: CancellationToken,
     pub server: JoinHandle<Result<(), runledger::StartError>>,
-    pub dir: TempDir,
+    pub storage: Storage,
 }
 
 pub fn db_path(dir: &Path) -> PathBuf {
@@ -44,16 +107,15 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
-    spawn_in(tempfile::tempdir().expect("a temp dir"), adjust).await
+    spawn_in(Storage::fresh().await, adjust).await
 }
 
-/// Starts a server on the database in `dir` (a restart when it exists).
-pub async fn spawn_in(dir: TempDir, adjust: impl FnOnce(&mut Config)) -> TestApp {
-    let mut config = Config::new(
-        "127.0.0.1:0".parse().unwrap(),
-        db_path(dir.path()).display().to_string(),
-    )
-    .expect("default config");
+/// Starts a server on `storage` (a restart when it holds data); a bare
+/// `TempDir` is a SQLite file in it.
+pub async fn spawn_in(storage: impl Into<Storage>, adjust: impl FnOnce(&mut Config)) -> TestApp {
+    let storage = storage.into();
+    let mut config =
+        Config::new("127.0.0.1:0".parse().unwrap(), storage.database()).expect("default config");
     adjust(&mut config);
     let app = App::build(config).await.expect("the app builds");
     let addr = app.local_addr();
@@ -67,7 +129,7 @@ pub async fn spawn_in(dir: TempDir, adjust: impl FnOnce(&mut Config)) -> TestApp
         events: EventServiceClient::new(channel),
         shutdown,
         server,
-        dir,
+        storage,
     }
 }
 
@@ -105,12 +167,11 @@ pub async fn spawn_on_database(
     db: Arc<TestDatabase>,
     adjust: impl FnOnce(&mut Config),
 ) -> PgTestApp {
-    let url = db.url().to_owned();
-    let app = spawn_in(tempfile::tempdir().expect("a temp dir"), |config| {
-        config.database = url;
-        adjust(config);
-    })
-    .await;
+    let storage = Storage {
+        dir: tempfile::tempdir().expect("a temp dir"),
+        pg: Some(db.clone()),
+    };
+    let app = spawn_in(storage, adjust).await;
     PgTestApp { app, db }
 }
 
@@ -123,15 +184,15 @@ pub async fn connect(addr: SocketAddr) -> Channel {
 }
 
 impl TestApp {
-    /// Shuts down gracefully and hands back the database folder.
-    pub async fn stop(self) -> TempDir {
+    /// Shuts down gracefully and hands back its storage, for a restart.
+    pub async fn stop(self) -> Storage {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.server)
             .await
             .expect("the server stops within 10 s")
             .expect("the server task ends")
             .expect("the server ends cleanly");
-        self.dir
+        self.storage
     }
 }
 
@@ -143,12 +204,13 @@ pub struct Process {
 }
 
 impl Process {
-    pub fn start(db: &Path) -> Process {
+    /// Starts on `db`: a SQLite file or a PostgreSQL URL.
+    pub fn start(db: impl AsRef<OsStr>) -> Process {
         Self::start_with_env(db, &[])
     }
 
     /// Starts with these environment variables (its settings) added.
-    pub fn start_with_env(db: &Path, env: &[(&str, &str)]) -> Process {
+    pub fn start_with_env(db: impl AsRef<OsStr>, env: &[(&str, &str)]) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_runledger"))
             .args(["serve", "--listen", "127.0.0.1:0", "--database"])
             .arg(db)

@@ -243,7 +243,7 @@ async fn retention_keeps_only_the_current_state_of_finished_runs_and_drops_expir
     // In the database file: history rows, transition results and cache
     // entries.
     let options = SqliteConnectOptions::new()
-        .filename(db_path(app.dir.path()))
+        .filename(db_path(app.storage.path()))
         .read_only(true);
     let mut db = SqliteConnection::connect_with(&options).await.unwrap();
     let history = "SELECT COUNT(*) FROM states WHERE run_id = ?";

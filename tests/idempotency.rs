@@ -35,7 +35,7 @@ async fn spawn_counted() -> (TestApp, Arc<WriterStats>) {
         events: EventServiceClient::new(channel),
         shutdown,
         server,
-        dir,
+        storage: dir.into(),
     };
     (app, stats)
 }

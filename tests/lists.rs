@@ -125,8 +125,8 @@ where
 async fn listing_large_runs_holds_about_one_response_in_memory() {
     const RUNS: usize = 100;
     let blob = || serde_json::json!({ "blob": "x".repeat(1_000_000) });
-    let dir = tempfile::tempdir().unwrap();
-    let server = Process::start(&db_path(dir.path()));
+    let storage = Storage::fresh().await;
+    let server = Process::start(storage.database());
     let channel = connect(server.addr).await;
     let executions = ExecutionServiceClient::new(channel.clone());
     let task_runs = TaskRunServiceClient::new(channel);
@@ -190,7 +190,7 @@ async fn listing_large_runs_holds_about_one_response_in_memory() {
     server.kill();
 
     // Each list in a server of its own, whose memory nothing else used.
-    let server = Process::start(&db_path(dir.path()));
+    let server = Process::start(storage.database());
     let task_runs = TaskRunServiceClient::new(connect(server.addr).await);
     let (listed, runs_growth) = list_all(server.child.id(), |token| {
         let mut task_runs = task_runs.clone();
@@ -214,7 +214,7 @@ async fn listing_large_runs_holds_about_one_response_in_memory() {
     assert_eq!(listed, runs, "every task run once, newest first");
     server.kill();
 
-    let server = Process::start(&db_path(dir.path()));
+    let server = Process::start(storage.database());
     let executions = ExecutionServiceClient::new(connect(server.addr).await);
     let (listed, execs_growth) = list_all(server.child.id(), |token| {
         let mut executions = executions.clone();

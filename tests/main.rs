@@ -4,6 +4,11 @@
 #![allow(dead_code, unreachable_pub)]
 
 mod helpers;
+mod test_database;
+
+/// The backend `helpers::spawn_app` starts its servers on; the
+/// `on_postgres` test binary runs the backend-agnostic modules on PostgreSQL.
+pub const BACKEND: helpers::Backend = helpers::Backend::Sqlite;
 
 mod access;
 mod bench;

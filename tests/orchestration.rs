@@ -976,12 +976,14 @@ async fn cached_results_belong_to_their_tenant() {
         store::{Durability, Store},
         stream::Feed,
     };
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", db_path(dir.path()).display());
-    let (store, _writer) =
-        Store::open(&url, Durability::Process, Feed::new(64).listener().unwrap())
-            .await
-            .unwrap();
+    let storage = Storage::fresh().await;
+    let (store, _writer) = Store::open(
+        &storage.database(),
+        Durability::Process,
+        Feed::new(64).listener().unwrap(),
+    )
+    .await
+    .unwrap();
     let ledger = Ledger::new(store);
     let propose = |t: StateType, output: Option<serde_json::Value>| Proposal {
         state: StateProposal::of_type(t),

@@ -1182,10 +1182,3 @@ async fn opening_fails_clearly_and_never_shows_the_password() {
     assert!(err.contains("does not answer"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
-
-#[tokio::test]
-async fn nul_characters_are_refused_by_field() {
-    let app = spawn_app_on_postgres(|_| {}).await;
-    crate::validation::nul_characters_are_refused_by_field(&app).await;
-    app.stop().await;
-}

@@ -76,11 +76,8 @@ impl Tenant {
 /// A server with a live buffer of 16 events, keys for two tenants, and
 /// its log reads counted.
 async fn spawn_two_tenants() -> (TestApp, Arc<ReadStats>, Tenant, Tenant) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = db_path(dir.path());
-    let mut conn = keys::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
+    let dir = Storage::fresh().await;
+    let mut conn = keys::connect(&dir.url()).await.unwrap();
     let mut secrets = Vec::new();
     for tenant in ["acme", "globex"] {
         let new = keys::NewKey {
@@ -91,7 +88,7 @@ async fn spawn_two_tenants() -> (TestApp, Arc<ReadStats>, Tenant, Tenant) {
         secrets.push(keys::create(&mut conn, new).await.unwrap().1);
     }
     drop(conn);
-    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), db.display().to_string()).unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), dir.database()).unwrap();
     config.live_buffer = 16;
     let app = App::build(config).await.expect("the app builds");
     let stats = app.read_stats();
@@ -108,7 +105,7 @@ async fn spawn_two_tenants() -> (TestApp, Arc<ReadStats>, Tenant, Tenant) {
         events: EventServiceClient::new(channel),
         shutdown,
         server,
-        dir,
+        storage: dir,
     };
     (app, stats, a, b)
 }

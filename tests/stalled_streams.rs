@@ -90,10 +90,10 @@ const OUTPUT_BYTES: usize = 16 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_streams_cost_little_memory_and_lose_nothing() {
-    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::fresh().await;
     // A small live buffer: the stalled streams fall behind it and catch
     // up from the log.
-    let server = Process::start_with_env(&db_path(dir.path()), &[("RUNLEDGER_LIVE_BUFFER", "64")]);
+    let server = Process::start_with_env(storage.database(), &[("RUNLEDGER_LIVE_BUFFER", "64")]);
     let pid = server.child.id();
     let proxy = Proxy::start(server.addr).await;
     let direct = connect(server.addr).await;
@@ -198,8 +198,8 @@ async fn stalled_streams_cost_little_memory_and_lose_nothing() {
 async fn a_snapshot_of_many_task_runs_is_read_a_page_at_a_time() {
     const RUNS: usize = 200;
     const STREAMS: usize = 40;
-    let dir = tempfile::tempdir().unwrap();
-    let server = Process::start(&db_path(dir.path()));
+    let storage = Storage::fresh().await;
+    let server = Process::start(storage.database());
     let pid = server.child.id();
     let channel = connect(server.addr).await;
     let mut execs = ExecutionServiceClient::new(channel.clone());
@@ -368,9 +368,8 @@ fn terminate_within(mut server: Process, limit: std::time::Duration) -> std::pro
 async fn a_client_that_stops_reading_does_not_hold_shutdown_up() {
     use std::time::Duration;
     const GRACE: Duration = Duration::from_secs(1);
-    let dir = tempfile::tempdir().unwrap();
-    let server =
-        Process::start_with_env(&db_path(dir.path()), &[("RUNLEDGER_SHUTDOWN_GRACE", "1s")]);
+    let storage = Storage::fresh().await;
+    let server = Process::start_with_env(storage.database(), &[("RUNLEDGER_SHUTDOWN_GRACE", "1s")]);
     let proxy = Proxy::start(server.addr).await;
     let direct = connect(server.addr).await;
 
@@ -425,7 +424,7 @@ async fn a_client_that_stops_reading_does_not_hold_shutdown_up() {
     drop(stalled);
 
     // Every acknowledged write is there after a restart.
-    let server = Process::start(&db_path(dir.path()));
+    let server = Process::start(storage.database());
     let mut tasks = TaskRunServiceClient::new(connect(server.addr).await);
     for id in &acknowledged {
         let t = tasks
@@ -481,12 +480,9 @@ async fn read_resuming(
 async fn stalled_streams_of_large_events_are_reset_once_over_the_send_budget() {
     const CONNECTIONS: usize = 2;
     const STREAMS_PER_CONNECTION: usize = 60;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = runledger::Config::new(
-        "127.0.0.1:0".parse().unwrap(),
-        db_path(dir.path()).display().to_string(),
-    )
-    .unwrap();
+    let storage = Storage::fresh().await;
+    let mut config =
+        runledger::Config::new("127.0.0.1:0".parse().unwrap(), storage.database()).unwrap();
     config.stalled_stream_timeout = std::time::Duration::from_secs(1);
     let app = runledger::App::build(config).await.unwrap();
     let addr = app.local_addr();

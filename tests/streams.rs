@@ -328,8 +328,8 @@ async fn a_slow_subscriber_gets_all_of_ten_thousand_events_in_order() {
 
 #[tokio::test]
 async fn a_killed_server_restarts_and_streams_resume_without_gap_or_duplicate() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = db_path(dir.path());
+    let storage = Storage::fresh().await;
+    let db = storage.database();
     let first = Process::start(&db);
     let channel = connect(first.addr).await;
     let mut execs = ExecutionServiceClient::new(channel.clone());
@@ -662,8 +662,8 @@ async fn shutdown_ends_open_streams_with_unavailable_and_exits_promptly() {
 
 #[tokio::test]
 async fn sigterm_ends_streams_and_the_process_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Process::start(&db_path(dir.path()));
+    let storage = Storage::fresh().await;
+    let server = Process::start(storage.database());
     let channel = connect(server.addr).await;
     let mut execs = ExecutionServiceClient::new(channel.clone());
     let exec = execs

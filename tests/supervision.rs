@@ -54,7 +54,7 @@ async fn spawn_with_store() -> (TestApp, Store) {
         events: EventServiceClient::new(channel),
         shutdown,
         server,
-        dir,
+        storage: dir.into(),
     };
     (app, store)
 }

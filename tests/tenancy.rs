@@ -57,8 +57,8 @@ fn client(app: &TestApp, channel: &Channel, secret: Option<&str>) -> Client {
 
 /// A server whose database holds a key for each of two tenants.
 async fn two_tenants() -> (TestApp, Channel, String, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", db_path(dir.path()).display());
+    let dir = Storage::fresh().await;
+    let url = dir.url();
     let mut conn = keys::connect(&url).await.unwrap();
     let secret = |tenant: &str, name: &str| {
         let new = keys::NewKey {
@@ -452,7 +452,7 @@ async fn a_revoked_key_stops_working_within_seconds() {
     let (app, channel, a_secret, _) = two_tenants().await;
     let mut a = client(&app, &channel, Some(&a_secret));
     a.executions.create_execution(goal("before")).await.unwrap();
-    let url = format!("sqlite://{}", db_path(app.dir.path()).display());
+    let url = app.storage.url();
     let mut conn = keys::connect(&url).await.unwrap();
     keys::revoke(&mut conn, "acme-worker").await.unwrap();
     let started = Instant::now();
@@ -477,12 +477,8 @@ async fn a_revoked_key_stops_working_within_seconds() {
 #[tokio::test]
 async fn without_keys_only_loopback_serves_open_and_a_new_key_closes_it() {
     // Not loopback, no keys, not allowed: refused at start.
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::new(
-        "0.0.0.0:0".parse().unwrap(),
-        db_path(dir.path()).display().to_string(),
-    )
-    .unwrap();
+    let dir = Storage::fresh().await;
+    let mut config = Config::new("0.0.0.0:0".parse().unwrap(), dir.database()).unwrap();
     config.allow_plaintext = true;
     match App::build(config).await {
         Err(e @ StartError::Unauthenticated(_)) => {
@@ -498,7 +494,7 @@ async fn without_keys_only_loopback_serves_open_and_a_new_key_closes_it() {
         (e.tenant_id.as_str(), e.updated_by.as_str()),
         ("default", "anonymous")
     );
-    let url = format!("sqlite://{}", db_path(app.dir.path()).display());
+    let url = app.storage.url();
     let mut conn = keys::connect(&url).await.unwrap();
     keys::create(
         &mut conn,
@@ -525,8 +521,8 @@ async fn without_keys_only_loopback_serves_open_and_a_new_key_closes_it() {
 
 /// A server with one key of the given limits.
 async fn with_limited_key(rate: Option<f64>, daily_quota: Option<i64>) -> (TestApp, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", db_path(dir.path()).display());
+    let dir = Storage::fresh().await;
+    let url = dir.url();
     let mut conn = keys::connect(&url).await.unwrap();
     let new = keys::NewKey {
         tenant: "acme".into(),

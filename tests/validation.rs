@@ -48,7 +48,7 @@ fn refused_on<T: std::fmt::Debug>(r: Result<T, tonic::Status>, field: &str) {
 /// NUL characters in identifiers, keys, metadata, labels and filters are
 /// refused by field, whatever the database (PostgreSQL cannot store them
 /// in text), and the server goes on serving.
-pub(crate) async fn nul_characters_are_refused_by_field(app: &TestApp) {
+async fn nul_characters_are_refused_by_field(app: &TestApp) {
     let nul = "a\0b".to_owned();
     let mut execs = app.executions.clone();
     let mut runs = app.task_runs.clone();
@@ -175,7 +175,7 @@ pub(crate) async fn nul_characters_are_refused_by_field(app: &TestApp) {
 }
 
 #[tokio::test]
-async fn nul_characters_are_refused_by_field_on_sqlite() {
+async fn a_nul_character_is_refused_by_field() {
     let app = spawn_app().await;
     nul_characters_are_refused_by_field(&app).await;
     app.stop().await;

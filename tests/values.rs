@@ -407,6 +407,56 @@ async fn a_change_that_would_make_a_run_too_large_to_send_is_refused() {
     );
 }
 
+/// Overwrites the payload of the second logged event of task run `id`
+/// with bytes that decode as nothing, in the stopped server's storage;
+/// hands back the sequences of its events.
+async fn damage_second_event_of(storage: &Storage, id: &str) -> Vec<i64> {
+    use sqlx::Connection;
+    const GARBAGE: &[u8] = &[0xFF; 4];
+    match &storage.pg {
+        None => {
+            let url = format!("sqlite://{}", db_path(storage.path()).display());
+            let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            let seqs: Vec<i64> =
+                sqlx::query_scalar("SELECT seq FROM events WHERE task_run_id = ? ORDER BY seq")
+                    .bind(id)
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+            assert_eq!(seqs.len(), 3);
+            sqlx::query("UPDATE events SET payload = ? WHERE seq = ?")
+                .bind(GARBAGE)
+                .bind(seqs[1])
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            conn.close().await.unwrap();
+            seqs
+        }
+        Some(db) => {
+            let mut conn = db.connect().await;
+            let keys: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT tenant_id, seq FROM events WHERE task_run_id = $1 ORDER BY seq",
+            )
+            .bind(id)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            assert_eq!(keys.len(), 3);
+            let (tenant, seq) = &keys[1];
+            sqlx::query("UPDATE events SET payload = $1 WHERE tenant_id = $2 AND seq = $3")
+                .bind(GARBAGE)
+                .bind(tenant)
+                .bind(seq)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            conn.close().await.unwrap();
+            keys.into_iter().map(|(_, seq)| seq).collect()
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_logged_event_that_cannot_be_read_is_delivered_as_a_stand_in() {
     let app = spawn_app().await;
@@ -417,23 +467,7 @@ async fn a_logged_event_that_cannot_be_read_is_delivered_as_a_stand_in() {
     let dir = app.stop().await;
 
     // Damage the stored RUNNING event of the task run.
-    let url = format!("sqlite://{}", db_path(dir.path()).display());
-    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
-        .await
-        .unwrap();
-    let seqs: Vec<i64> =
-        sqlx::query_scalar("SELECT seq FROM events WHERE task_run_id = ? ORDER BY seq")
-            .bind(&t.id)
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
-    assert_eq!(seqs.len(), 3);
-    sqlx::query("UPDATE events SET payload = X'FFFFFFFF' WHERE seq = ?")
-        .bind(seqs[1])
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::Connection::close(conn).await.unwrap();
+    let seqs = damage_second_event_of(&dir, &t.id).await;
 
     let app = spawn_in(dir, |_| {}).await;
     // The run's stream gets past it, to its end.
@@ -622,8 +656,8 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_template_reads_one_run_of_a_key_however_many_it_has() {
     const RUNS: usize = 60;
-    let dir = tempfile::tempdir().unwrap();
-    let server = Process::start(&db_path(dir.path()));
+    let storage = Storage::fresh().await;
+    let server = Process::start(storage.database());
     let pid = server.child.id();
     let channel = connect(server.addr).await;
     let mut execs = ExecutionServiceClient::new(channel.clone());
