@@ -384,17 +384,6 @@ async fn refresh_keys(
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
         };
-        match store.load_keys().await {
-            Ok(_) if stopping => {}
-            Ok(keys) => {
-                let was_open = auth.is_open();
-                auth.replace(keys);
-                if was_open && !auth.is_open() {
-                    info!("API keys exist now: calls without a key are refused");
-                }
-            }
-            Err(e) => warn!(error = %e, "reloading API keys"),
-        }
         let counts = auth.take_counts();
         if !counts.is_empty()
             && let Err(e) = store.record_key_usage(counts.clone()).await
@@ -416,6 +405,19 @@ async fn refresh_keys(
             && let Err(e) = store.touch_keys(used).await
         {
             warn!(error = %e, "recording API key use");
+        }
+        // Reloaded after recording, so that a key's use is on record by the
+        // time its revocation takes effect.
+        match store.load_keys().await {
+            Ok(_) if stopping => {}
+            Ok(keys) => {
+                let was_open = auth.is_open();
+                auth.replace(keys);
+                if was_open && !auth.is_open() {
+                    info!("API keys exist now: calls without a key are refused");
+                }
+            }
+            Err(e) => warn!(error = %e, "reloading API keys"),
         }
         if stopping {
             break;
