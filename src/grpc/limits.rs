@@ -131,7 +131,9 @@ impl Limits {
                 (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate).min(capacity);
             b.at = now;
             if b.tokens < 1.0 {
-                let wait = Duration::from_secs_f64((1.0 - b.tokens) / rate);
+                // A rate too small for a Duration waits a day.
+                let wait = Duration::try_from_secs_f64((1.0 - b.tokens) / rate)
+                    .unwrap_or(Duration::from_secs(DAY));
                 return Err(exhausted(
                     format!("rate limit of {rate} requests per second exceeded"),
                     wait,
@@ -255,6 +257,17 @@ mod tests {
             .unwrap();
         assert!(retry <= Duration::from_millis(500) && retry > Duration::ZERO);
         assert!(l.admit(&k, t0 + Duration::from_millis(500), day).is_ok());
+    }
+
+    #[test]
+    fn a_tiny_rate_refuses_without_failing() {
+        let mut l = Limits::new(1, HashMap::new());
+        let k = key(Some(1e-20), None);
+        let now = Instant::now();
+        let day = (1, Duration::from_secs(100));
+        l.admit(&k, now, day).unwrap();
+        let refused = l.admit(&k, now, day).unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
     }
 
     #[test]

@@ -472,6 +472,9 @@ impl Feed {
     /// or on a shared database left to the tailer where they do not follow
     /// what the feed holds of their tenant (other servers' events may come
     /// between) or where nobody follows their tenant.
+    /// (Their callers are answered then: on a shared database an event left
+    /// to the tailer reaches this server's subscribers one pass of the
+    /// tailer later.)
     fn committed_here(&self, events: Vec<Arc<LoggedEvent>>) {
         let events = {
             let mut guard = lock(&self.shared);
@@ -536,7 +539,9 @@ impl Feed {
                     if published.is_err() {
                         tracing::error!("publishing committed events panicked");
                     }
-                    answer();
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(answer)).is_err() {
+                        tracing::error!("answering committed calls panicked");
+                    }
                 }
             })?;
         Ok(Arc::new(Encoder { tx }))
@@ -593,6 +598,11 @@ impl Feed {
                     shared.bytes -= old.held_bytes();
                     shared.count -= 1;
                     log.dropped = Some(old.seq);
+                    // Nothing held and nobody following: the tenant's entry
+                    // goes (it comes back with its next event).
+                    if log.events.is_empty() && log.receivers == 0 {
+                        shared.tenants.remove(&tenant);
+                    }
                 }
             }
             // Entries of events a gap cleared leave with the oldest.
@@ -654,9 +664,24 @@ pub struct FeedReceiver {
 
 impl Drop for FeedReceiver {
     fn drop(&mut self) {
-        let mut shared = lock(&self.shared);
-        if let Some(log) = shared.tenants.get_mut(&self.tenant) {
-            log.receivers = log.receivers.saturating_sub(1);
+        let mut guard = lock(&self.shared);
+        let shared = &mut *guard;
+        let Some(log) = shared.tenants.get_mut(&self.tenant) else {
+            return;
+        };
+        log.receivers = log.receivers.saturating_sub(1);
+        // On a shared database nobody follows the tenant here any more: its
+        // part of the feed goes, and the next subscriber starts it afresh
+        // at the tenant's head (rather than the tailer reading everything
+        // since). Elsewhere it goes once it holds no event.
+        if log.receivers == 0
+            && (shared.shared_database || log.events.is_empty())
+            && let Some(log) = shared.tenants.remove(&self.tenant)
+        {
+            for old in log.events {
+                shared.bytes -= old.held_bytes();
+                shared.count -= 1;
+            }
         }
     }
 }
@@ -910,5 +935,29 @@ mod tests {
         assert_eq!(next(&mut rx, 5).await, Some(6));
         drop(rx);
         assert!(feed.followed().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_tenant_nobody_follows_leaves_the_feed() {
+        // Shared database: the last subscriber gone, the next one starts
+        // afresh (the tailer starts it at the head, not at what was held).
+        let feed = Feed::new(100);
+        feed.set_shared_database();
+        let rx = feed.subscribe("t");
+        feed.start_at("t", 3);
+        feed.publish(vec![event_of("t", 4)]);
+        assert_eq!(feed.held().1, 1);
+        drop(rx);
+        assert_eq!(feed.held(), (0, 0));
+        let _rx = feed.subscribe("t");
+        assert_eq!(feed.followed(), [("t".to_owned(), None)]);
+
+        // One server: a tenant's entry goes with its last held event.
+        let feed = Feed::new(1);
+        feed.publish(vec![event_of("x", 1)]);
+        assert_eq!(feed.latest("x"), Some(1));
+        feed.publish(vec![event_of("y", 1)]);
+        assert_eq!(feed.latest("x"), None);
+        assert_eq!(lock(&feed.shared).tenants.len(), 1);
     }
 }

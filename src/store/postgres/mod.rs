@@ -430,9 +430,10 @@ impl ReadBackend for PgReads {
             .await
             .map_err(read_error)?;
         // None left: about one token's time.
-        Ok(left
-            .is_none()
-            .then(|| std::time::Duration::from_secs_f64(1.0 / rate.max(f64::MIN_POSITIVE))))
+        Ok(left.is_none().then(|| {
+            std::time::Duration::try_from_secs_f64(1.0 / rate)
+                .unwrap_or(std::time::Duration::from_secs(86_400))
+        }))
     }
 
     async fn close(&self) {
