@@ -159,7 +159,9 @@ impl Authenticator {
         let Some(ledger) = shared else {
             return limits().admit(key, Instant::now(), today);
         };
-        limits().check(key, Instant::now(), today)?;
+        // The rate is the store's bucket alone, so that the wait it gives
+        // is the one that holds.
+        limits().check(key, Instant::now(), today, false)?;
         if let Some(rate) = key.rate
             && let Some(wait) = ledger.take_token(key, rate).await.map_err(Status::from)?
         {

@@ -102,25 +102,26 @@ impl Limits {
         now: Instant,
         today: (i64, Duration),
     ) -> Result<(), Status> {
-        self.check(key, now, today)?;
+        self.check(key, now, today, true)?;
         self.count(key, today.0, Counted::Here);
         Ok(())
     }
 
-    /// Refuses a request of `key` over its rate or its quota as far as
-    /// this server knows (its count never exceeds the true one), counting
-    /// nothing.
+    /// Refuses a request of `key` over its quota as far as this server
+    /// knows (its count never exceeds the true one), and with `rate` over
+    /// its rate; counts nothing.
     pub fn check(
         &mut self,
         key: &ActiveKey,
         now: Instant,
         (day, day_left): (i64, Duration),
+        rate: bool,
     ) -> Result<(), Status> {
         if day != self.day {
             self.day = day;
             self.counts.clear();
         }
-        if let Some(rate) = key.rate {
+        if let Some(rate) = key.rate.filter(|_| rate) {
             // A second's worth of burst.
             let capacity = rate.max(1.0);
             let b = self.buckets.entry(key.id.clone()).or_insert(Bucket {
