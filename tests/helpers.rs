@@ -14,6 +14,11 @@ use std::{
 };
 
 use runledger::{App, Config, grpc::pb};
+use sqlx::{
+    Connection, FromRow, PgConnection, SqliteConnection,
+    postgres::PgRow,
+    sqlite::{SqliteConnectOptions, SqliteRow},
+};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +83,99 @@ impl Storage {
             None => db_path(self.dir.path()).display().to_string(),
         }
     }
+
+    /// A connection beside the server, for reading what it stored (the
+    /// SQLite file is opened read-only).
+    pub async fn open(&self) -> StoredData {
+        match &self.pg {
+            Some(db) => StoredData::Postgres(db.connect().await),
+            None => {
+                let options = SqliteConnectOptions::new()
+                    .filename(db_path(self.dir.path()))
+                    .read_only(true);
+                StoredData::Sqlite(
+                    SqliteConnection::connect_with(&options)
+                        .await
+                        .expect("the SQLite file opens"),
+                )
+            }
+        }
+    }
+
+    /// Whether no server has set the database up yet: no SQLite file, or
+    /// no table in the PostgreSQL database.
+    pub async fn untouched(&self) -> bool {
+        match &self.pg {
+            Some(db) => {
+                let mut conn = db.connect().await;
+                let tables: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_tables WHERE schemaname = 'public'",
+                )
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+                conn.close().await.ok();
+                tables == 0
+            }
+            None => !db_path(self.dir.path()).exists(),
+        }
+    }
+}
+
+/// A connection to a test's database on either backend. Queries name
+/// their parameters `$1`, `$2`, ..., which both backends read.
+#[derive(Debug)]
+pub enum StoredData {
+    Sqlite(SqliteConnection),
+    Postgres(PgConnection),
+}
+
+impl StoredData {
+    /// The rows `sql` selects, with `binds` as its parameters in turn.
+    pub async fn fetch_all<T>(&mut self, sql: &'static str, binds: &[&str]) -> Vec<T>
+    where
+        T: for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + Send + Unpin,
+    {
+        let rows = match self {
+            StoredData::Sqlite(conn) => {
+                let mut query = sqlx::query_as::<_, T>(sql);
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                query.fetch_all(conn).await
+            }
+            StoredData::Postgres(conn) => {
+                let mut query = sqlx::query_as::<_, T>(sql);
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                query.fetch_all(conn).await
+            }
+        };
+        rows.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// The one row `sql` selects.
+    pub async fn fetch_one<T>(&mut self, sql: &'static str, binds: &[&str]) -> T
+    where
+        T: for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + Send + Unpin,
+    {
+        let mut rows = self.fetch_all(sql, binds).await;
+        assert_eq!(rows.len(), 1, "{sql}: one row");
+        rows.pop().unwrap()
+    }
+
+    /// The number `sql` (a `SELECT COUNT(*) ...`) selects.
+    pub async fn count(&mut self, sql: &'static str, binds: &[&str]) -> i64 {
+        self.fetch_one::<(i64,)>(sql, binds).await.0
+    }
+
+    pub async fn close(self) {
+        match self {
+            StoredData::Sqlite(conn) => conn.close().await.unwrap(),
+            StoredData::Postgres(conn) => conn.close().await.unwrap(),
+        }
+    }
 }
 
 /// A SQLite file in this folder.
@@ -113,16 +211,32 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
 /// Starts a server on `storage` (a restart when it holds data); a bare
 /// `TempDir` is a SQLite file in it.
 pub async fn spawn_in(storage: impl Into<Storage>, adjust: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_in_hooked(storage, adjust, |_| ()).await.0
+}
+
+/// Starts a server on fresh storage, handing back beside it what `hook`
+/// takes from the built app (its store, its writer's counts).
+pub async fn spawn_app_hooked<T>(hook: impl FnOnce(&App) -> T) -> (TestApp, T) {
+    spawn_in_hooked(Storage::fresh().await, |_| {}, hook).await
+}
+
+/// `spawn_in`, handing back what `hook` takes from the built app.
+pub async fn spawn_in_hooked<T>(
+    storage: impl Into<Storage>,
+    adjust: impl FnOnce(&mut Config),
+    hook: impl FnOnce(&App) -> T,
+) -> (TestApp, T) {
     let storage = storage.into();
     let mut config =
         Config::new("127.0.0.1:0".parse().unwrap(), storage.database()).expect("default config");
     adjust(&mut config);
     let app = App::build(config).await.expect("the app builds");
+    let hooked = hook(&app);
     let addr = app.local_addr();
     let shutdown = app.shutdown_token();
     let server = tokio::spawn(app.run_until_stopped());
     let channel = connect(addr).await;
-    TestApp {
+    let app = TestApp {
         addr,
         executions: ExecutionServiceClient::new(channel.clone()),
         task_runs: TaskRunServiceClient::new(channel.clone()),
@@ -130,7 +244,8 @@ pub async fn spawn_in(storage: impl Into<Storage>, adjust: impl FnOnce(&mut Conf
         shutdown,
         server,
         storage,
-    }
+    };
+    (app, hooked)
 }
 
 /// A server on a PostgreSQL database of its own (see

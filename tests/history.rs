@@ -4,7 +4,6 @@ use std::{collections::HashSet, time::Duration};
 
 use pb::StateType::*;
 use runledger::grpc::pb;
-use sqlx::{Connection, SqliteConnection, sqlite::SqliteConnectOptions};
 
 use crate::helpers::*;
 
@@ -156,14 +155,6 @@ async fn cache_task_run(
     t
 }
 
-async fn count(db: &mut SqliteConnection, sql: &'static str, id: &str) -> i64 {
-    sqlx::query_scalar(sql)
-        .bind(id)
-        .fetch_one(&mut *db)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn retention_keeps_only_the_current_state_of_finished_runs_and_drops_expired_cache_entries() {
     let app = spawn_app_with(|c| {
@@ -240,32 +231,30 @@ async fn retention_keeps_only_the_current_state_of_finished_runs_and_drops_expir
     );
     assert_eq!(types(states(expired.id.clone()).await), [Completed as i32]);
 
-    // In the database file: history rows, transition results and cache
+    // In the database: history rows, transition results and cache
     // entries.
-    let options = SqliteConnectOptions::new()
-        .filename(db_path(app.storage.path()))
-        .read_only(true);
-    let mut db = SqliteConnection::connect_with(&options).await.unwrap();
-    let history = "SELECT COUNT(*) FROM states WHERE run_id = ?";
-    let transitions = "SELECT COUNT(*) FROM transitions WHERE run_id = ?";
-    assert_eq!(count(&mut db, history, &finished.id).await, 1);
-    assert_eq!(count(&mut db, history, &running.id).await, 2);
-    assert_eq!(count(&mut db, history, &expired.id).await, 1);
-    assert_eq!(count(&mut db, history, &lasting.id).await, 1);
-    assert_eq!(count(&mut db, transitions, &finished.id).await, 0);
-    assert_eq!(count(&mut db, transitions, &running.id).await, 1);
-    let keys: Vec<String> =
-        sqlx::query_scalar("SELECT cache_key FROM cache_entries ORDER BY cache_key")
-            .fetch_all(&mut db)
-            .await
-            .unwrap();
-    assert_eq!(keys, ["lasting"]);
-    let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events")
-        .fetch_one(&mut db)
-        .await
-        .unwrap();
-    assert_eq!(events, 0, "every event is past a retention of zero");
-    db.close().await.unwrap();
+    let mut db = app.storage.open().await;
+    let history = "SELECT COUNT(*) FROM states WHERE run_id = $1";
+    let transitions = "SELECT COUNT(*) FROM transitions WHERE run_id = $1";
+    assert_eq!(db.count(history, &[&finished.id]).await, 1);
+    assert_eq!(db.count(history, &[&running.id]).await, 2);
+    assert_eq!(db.count(history, &[&expired.id]).await, 1);
+    assert_eq!(db.count(history, &[&lasting.id]).await, 1);
+    assert_eq!(db.count(transitions, &[&finished.id]).await, 0);
+    assert_eq!(db.count(transitions, &[&running.id]).await, 1);
+    let keys: Vec<(String,)> = db
+        .fetch_all(
+            "SELECT cache_key FROM cache_entries ORDER BY cache_key",
+            &[],
+        )
+        .await;
+    assert_eq!(keys, [("lasting".to_owned(),)]);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM events", &[]).await,
+        0,
+        "every event is past a retention of zero"
+    );
+    db.close().await;
     app.stop().await;
 }
 

@@ -7,38 +7,11 @@ use std::{
     sync::Arc,
 };
 
-use runledger::{App, Config, grpc::pb, store::WriterStats};
-use sqlx::{Connection, SqliteConnection, sqlite::SqliteConnectOptions};
+use runledger::grpc::pb;
 use tokio::sync::Barrier;
 use tonic::Code;
 
 use crate::helpers::*;
-
-/// A server whose writer counts can be read, on a fresh database.
-async fn spawn_counted() -> (TestApp, Arc<WriterStats>) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config::new(
-        "127.0.0.1:0".parse().unwrap(),
-        db_path(dir.path()).display().to_string(),
-    )
-    .unwrap();
-    let app = App::build(config).await.expect("the app builds");
-    let stats = app.writer_stats();
-    let addr = app.local_addr();
-    let shutdown = app.shutdown_token();
-    let server = tokio::spawn(app.run_until_stopped());
-    let channel = connect(addr).await;
-    let app = TestApp {
-        addr,
-        executions: ExecutionServiceClient::new(channel.clone()),
-        task_runs: TaskRunServiceClient::new(channel.clone()),
-        events: EventServiceClient::new(channel),
-        shutdown,
-        server,
-        storage: dir.into(),
-    };
-    (app, stats)
-}
 
 fn create(goal: &str, request_id: &str) -> pb::CreateExecutionRequest {
     pb::CreateExecutionRequest {
@@ -67,7 +40,7 @@ enum Answer {
 
 #[tokio::test]
 async fn replays_in_busy_batches_resolve_to_the_stored_run_without_retrying_the_batch() {
-    let (app, stats) = spawn_counted().await;
+    let (app, stats) = spawn_app_hooked(|app| app.writer_stats()).await;
 
     // Stored before the burst: executions by request_id and task runs by key.
     let mut seeded = HashMap::new();
@@ -229,45 +202,36 @@ async fn replays_in_busy_batches_resolve_to_the_stored_run_without_retrying_the_
     // The database agrees: one execution per request_id, nothing left of
     // the runs that were taken back, and a dense log whose stored events
     // carry their own sequence.
-    let dir = app.stop().await;
-    let options = SqliteConnectOptions::new()
-        .filename(db_path(dir.path()))
-        .read_only(true);
-    let mut db = SqliteConnection::connect_with(&options).await.unwrap();
-    let per_request: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT request_id, COUNT(*) FROM executions WHERE request_id IS NOT NULL GROUP BY request_id",
-    )
-    .fetch_all(&mut db)
-    .await
-    .unwrap();
+    let storage = app.stop().await;
+    let mut db = storage.open().await;
+    let per_request: Vec<(String, i64)> = db
+        .fetch_all(
+            "SELECT request_id, COUNT(*) FROM executions WHERE request_id IS NOT NULL \
+             GROUP BY request_id",
+            &[],
+        )
+        .await;
     assert_eq!(per_request.len(), 40 + 60);
     assert!(per_request.iter().all(|(_, n)| *n == 1), "{per_request:?}");
-    let executions: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM executions")
-        .fetch_one(&mut db)
-        .await
-        .unwrap();
+    let executions = db.count("SELECT COUNT(*) FROM executions", &[]).await;
     assert_eq!(executions, 40 + 1 + 60 + 3 * 40);
-    let task_runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM task_runs")
-        .fetch_one(&mut db)
-        .await
-        .unwrap();
+    let task_runs = db.count("SELECT COUNT(*) FROM task_runs", &[]).await;
     assert_eq!(task_runs, 20);
-    let orphans: i64 = sqlx::query_scalar(
-        "SELECT (SELECT COUNT(*) FROM states WHERE run_id NOT IN \
-             (SELECT id FROM executions UNION ALL SELECT id FROM task_runs)) \
-         + (SELECT COUNT(*) FROM events WHERE execution_id NOT IN (SELECT id FROM executions))",
-    )
-    .fetch_one(&mut db)
-    .await
-    .unwrap();
+    let orphans = db
+        .count(
+            "SELECT (SELECT COUNT(*) FROM states WHERE run_id NOT IN \
+                 (SELECT id FROM executions UNION ALL SELECT id FROM task_runs)) \
+             + (SELECT COUNT(*) FROM events WHERE execution_id NOT IN (SELECT id FROM executions))",
+            &[],
+        )
+        .await;
     assert_eq!(orphans, 0);
-    let events: Vec<(i64, Vec<u8>)> =
-        sqlx::query_as("SELECT seq, payload FROM events ORDER BY seq")
-            .fetch_all(&mut db)
-            .await
-            .unwrap();
+    let events: Vec<(i64, Vec<u8>)> = db
+        .fetch_all("SELECT seq, payload FROM events ORDER BY seq", &[])
+        .await;
+    db.close().await;
     assert_eq!(events.len() as i64, executions + task_runs);
-    let mut runs = std::collections::HashSet::new();
+    let mut runs = HashSet::new();
     for (i, (seq, payload)) in events.iter().enumerate() {
         assert_eq!(*seq, i as i64 + 1, "the log has a hole");
         let record = runledger::domain::EventRecord::decode(payload).unwrap();

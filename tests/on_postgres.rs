@@ -11,6 +11,8 @@ mod test_database;
 pub const BACKEND: helpers::Backend = helpers::Backend::Postgres;
 
 mod access;
+mod history;
+mod idempotency;
 mod ledger;
 mod lists;
 mod orchestration;
