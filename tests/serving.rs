@@ -15,17 +15,16 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn with_tls_clients_that_trust_the_certificate_are_served_and_plaintext_is_not() {
-    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::fresh().await;
     let rcgen::CertifiedKey { cert, signing_key } =
         rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let (cert_path, key_path) = (
+        storage.path().join("cert.pem"),
+        storage.path().join("key.pem"),
+    );
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, signing_key.serialize_pem()).unwrap();
-    let mut config = Config::new(
-        "127.0.0.1:0".parse().unwrap(),
-        db_path(dir.path()).display().to_string(),
-    )
-    .unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), storage.database()).unwrap();
     config.tls_cert = Some(cert_path);
     config.tls_key = Some(key_path);
     let app = App::build(config).await.expect("starts with TLS");
@@ -70,13 +69,9 @@ async fn with_tls_clients_that_trust_the_certificate_are_served_and_plaintext_is
 
 #[tokio::test]
 async fn without_tls_a_non_loopback_address_is_refused_unless_plaintext_is_allowed() {
-    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::fresh().await;
     // 0.0.0.0 only to see the refusal: the check comes before any bind.
-    let config = Config::new(
-        "0.0.0.0:0".parse().unwrap(),
-        db_path(dir.path()).display().to_string(),
-    )
-    .unwrap();
+    let config = Config::new("0.0.0.0:0".parse().unwrap(), storage.database()).unwrap();
     match App::build(config).await {
         Err(e @ StartError::Plaintext(_)) => {
             let message = e.to_string();
@@ -92,18 +87,14 @@ async fn without_tls_a_non_loopback_address_is_refused_unless_plaintext_is_allow
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert!(
-        !db_path(dir.path()).exists(),
+        storage.untouched().await,
         "refused before the database was opened"
     );
 
     // A certificate that is not one stops the start and says so.
-    let garbage = dir.path().join("garbage.pem");
+    let garbage = storage.path().join("garbage.pem");
     std::fs::write(&garbage, "not a certificate").unwrap();
-    let mut config = Config::new(
-        "127.0.0.1:0".parse().unwrap(),
-        db_path(dir.path()).display().to_string(),
-    )
-    .unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), storage.database()).unwrap();
     config.tls_cert = Some(garbage.clone());
     config.tls_key = Some(garbage);
     match App::build(config).await {
@@ -112,14 +103,22 @@ async fn without_tls_a_non_loopback_address_is_refused_unless_plaintext_is_allow
         }
         other => panic!("expected a TLS error, got {other:?}"),
     }
+    assert!(
+        storage.untouched().await,
+        "refused before the database was opened"
+    );
+    // Served, the same database is set up.
+    let app = spawn_in(storage, |_| {}).await;
+    assert!(!app.storage.untouched().await);
+    app.stop().await;
 }
 
 #[tokio::test]
 async fn runledger_without_a_command_serves_on_a_host_name() {
-    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::fresh().await;
     let mut child = Command::new(env!("CARGO_BIN_EXE_runledger"))
         .args(["--listen", "localhost:0", "--database"])
-        .arg(db_path(dir.path()))
+        .arg(storage.database())
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

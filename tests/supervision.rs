@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use runledger::{App, Config, StartError, store::Store};
+use runledger::{StartError, store::Store};
 use tonic::Streaming;
 use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
@@ -33,30 +33,9 @@ async fn next_status(watch: &mut Streaming<HealthCheckResponse>) -> ServingStatu
     ServingStatus::try_from(answer.status).unwrap()
 }
 
-/// A server started here, with a handle on its store.
+/// A server on a fresh database, with a handle on its store.
 async fn spawn_with_store() -> (TestApp, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config::new(
-        "127.0.0.1:0".parse().unwrap(),
-        db_path(dir.path()).display().to_string(),
-    )
-    .unwrap();
-    let app = App::build(config).await.unwrap();
-    let store = app.store().clone();
-    let addr = app.local_addr();
-    let shutdown = app.shutdown_token();
-    let server = tokio::spawn(app.run_until_stopped());
-    let channel = connect(addr).await;
-    let app = TestApp {
-        addr,
-        executions: ExecutionServiceClient::new(channel.clone()),
-        task_runs: TaskRunServiceClient::new(channel.clone()),
-        events: EventServiceClient::new(channel),
-        shutdown,
-        server,
-        storage: dir.into(),
-    };
-    (app, store)
+    spawn_app_hooked(|app| app.store().clone()).await
 }
 
 #[tokio::test]
