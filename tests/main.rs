@@ -1,5 +1,8 @@
 //! Integration tests: the real server on 127.0.0.1, called through the
-//! generated tonic clients.
+//! generated tonic clients, each on a SQLite file of its own. The tests
+//! about one backend run here only: `sqlite_file` on SQLite, and
+//! `pg_ledger`, `pg_startup`, `postgres` and `replicas` on PostgreSQL
+//! databases they make themselves.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -19,6 +22,7 @@ mod ledger;
 mod lists;
 mod orchestration;
 mod pg_ledger;
+mod pg_startup;
 mod postgres;
 mod quiet_streams;
 mod readme;
@@ -26,6 +30,7 @@ mod replicas;
 mod run_streams;
 mod serving;
 mod snapshot_order;
+mod sqlite_file;
 mod stalled_streams;
 mod startup;
 mod streams;

@@ -21,6 +21,7 @@ mod run_streams;
 mod serving;
 mod snapshot_order;
 mod stalled_streams;
+mod startup;
 mod streams;
 mod supervision;
 mod tenancy;

@@ -1135,7 +1135,7 @@ async fn the_keys_commands_work_on_postgres_and_the_server_honours_them() {
 }
 
 /// `server` with `user` (and its password) in place of its own.
-fn with_user(server: &str, user: &str) -> String {
+pub fn with_user(server: &str, user: &str) -> String {
     let start = server.find("://").unwrap() + 3;
     let rest = &server[start..];
     let host = rest.rfind('@').map_or(rest, |at| &rest[at + 1..]);
