@@ -47,9 +47,12 @@ pub(crate) struct EventRow<'a> {
 /// The primitives of one write transaction, on the writer's connection.
 /// Reads made here see the transaction's own writes. A backend shared by
 /// several writers (several replicas on one database) needs no lock on the
-/// rows it reads: every transaction locks the counter rows of the tenants
-/// it reads or writes first ([`lock_heads`](TxBackend::lock_heads)), so a
-/// tenant's writers take turns and each reads what the last one committed.
+/// rows it reads: a transaction locks the counter row of a tenant before
+/// it reads anything of the tenant ([`lock_heads`](TxBackend::lock_heads)),
+/// so a tenant's readers take turns and each reads what the last one
+/// committed. A transaction that only adds new runs (which nobody else
+/// can have read) takes the row when it numbers its events
+/// ([`seal`](TxBackend::seal)), just before it commits.
 #[async_trait]
 pub(crate) trait TxBackend: Send {
     async fn begin(&mut self) -> Result<()>;
@@ -176,6 +179,47 @@ pub(crate) trait TxBackend: Send {
     async fn lock_heads(&mut self, tenants: &[&str]) -> Result<HashMap<String, i64>>;
     /// Records the latest sequence given out for each tenant.
     async fn set_heads(&mut self, heads: &[(&str, i64)]) -> Result<()>;
+
+    /// Whether events are numbered when the transaction ends ([`seal`])
+    /// rather than as they are appended: a backend other writers share
+    /// takes a tenant's counter row as late as it can, so that writers
+    /// hold it only while they finish, not while they work.
+    ///
+    /// [`seal`]: TxBackend::seal
+    fn numbers_at_commit(&self) -> bool {
+        false
+    }
+
+    /// Of new runs about to be written, those that meet a stored run
+    /// under the same id or idempotency key: their ids.
+    async fn stored_conflicts(
+        &mut self,
+        _executions: &[RunRow<'_, Execution>],
+        _task_runs: &[RunRow<'_, TaskRun>],
+    ) -> Result<Vec<String>> {
+        Err(crate::Error::Internal(
+            "this backend writes new runs as they are flushed".into(),
+        ))
+    }
+
+    /// Ends the transaction's writes: writes the events, numbered 1, 2, ...
+    /// per tenant in the transaction (`counts`: how many each tenant has),
+    /// after each tenant's head, which it raises and locks until the
+    /// commit; and the new runs not written yet, their latest sequences
+    /// numbered the same way. Returns each tenant's head as it was before;
+    /// a retryable error if one of the new runs met a run stored meanwhile
+    /// under the same idempotency key.
+    async fn seal(
+        &mut self,
+        _counts: &[(&str, i64)],
+        _events: &[EventRow<'_>],
+        _executions: &[RunRow<'_, Execution>],
+        _task_runs: &[RunRow<'_, TaskRun>],
+    ) -> Result<HashMap<String, i64>> {
+        Err(crate::Error::Internal(
+            "this backend numbers events as they are appended".into(),
+        ))
+    }
 
     /// Applies retention to one tenant's log: removes up to `limit` of its
     /// events that occurred before `cutoff` (the oldest first) and raises

@@ -6,14 +6,20 @@
 //! from the backend.
 //!
 //! Each tenant's events are numbered by the tenant's counter row, which a
-//! transaction locks before it reads or writes anything of the tenant and
-//! sets once, when it commits: numbers are dense and in commit order
-//! however many writers share the database, and while a transaction holds
-//! a tenant no other writer changes the tenant's runs, so what it reads
-//! stays current until it commits. The writer locks the tenants of a
-//! batch's operations first; a read of another tenant (an operation of
-//! no one tenant, such as the pause sweeper's) locks that tenant before it
-//! asks the database.
+//! transaction locks before it reads anything of the tenant and sets
+//! once, when it commits: numbers are dense and in commit order however
+//! many writers share the database, and while a transaction holds a
+//! tenant no other writer changes the tenant's runs, so what it reads
+//! stays current until it commits.
+//!
+//! With the database to itself, the writer locks the tenants of a batch's
+//! operations first and numbers events as they are appended. Sharing it,
+//! the writer takes a tenant's row only when an operation reads something
+//! of the tenant, or else when the transaction ends: a batch that only
+//! adds new runs (which no other writer can have read) numbers its events
+//! 1, 2, ... as it goes and has the backend move them past the tenant's
+//! head as it writes them (`TxBackend::seal`), so that the row is held
+//! for one statement and the commit, not the whole transaction.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -38,6 +44,15 @@ pub(crate) enum CachedRun {
     TaskRun(TaskRun),
 }
 
+impl CachedRun {
+    fn tenant_id(&self) -> &str {
+        match self {
+            CachedRun::Execution(e) => &e.tenant_id,
+            CachedRun::TaskRun(t) => &t.tenant_id,
+        }
+    }
+}
+
 pub(crate) type RunCache = LruCache<String, CachedRun>;
 
 #[derive(Debug)]
@@ -58,6 +73,17 @@ struct PendingEvent {
     bytes: Vec<u8>,
 }
 
+impl PendingEvent {
+    fn row(&self) -> EventRow<'_> {
+        EventRow {
+            event: &self.event,
+            occurred_at: self.occurred_at,
+            format: EventFormat::Record.code() as i16,
+            bytes: &self.bytes,
+        }
+    }
+}
+
 /// The view an operation has of the open write transaction. Reads see the
 /// writes of earlier operations in the same batch.
 pub struct WriteTx<'c> {
@@ -65,13 +91,22 @@ pub struct WriteTx<'c> {
     /// Runs remembered between batches; None when the writer shares the
     /// database with others.
     cache: Option<&'c mut RunCache>,
-    /// Per tenant locked: the head when locked, and the latest sequence
-    /// given out in this transaction.
+    /// Per tenant numbering events: the head its numbers count from, and
+    /// the latest sequence given out in this transaction. When numbers are
+    /// given at commit (`late`), they count from 0 until then.
     heads: HashMap<String, (i64, i64)>,
+    /// Tenants whose counter rows this transaction holds.
+    locked: HashSet<String>,
+    /// Whether events are numbered when the transaction ends.
+    pub(super) late: bool,
     /// Runs written in this transaction, latest version, by id.
     overlay: HashMap<String, PendingRun>,
     /// Ids in `overlay` not yet flushed, in first-write order.
     dirty: Vec<String>,
+    /// New runs of tenants not locked, checked against the stored runs'
+    /// idempotency keys and left for `seal` to write (when events are
+    /// numbered at commit), in first-write order.
+    unsealed: Vec<String>,
     states: Vec<StateRow>,
     events: Vec<PendingEvent>,
     published: Vec<StoredEvent>,
@@ -105,12 +140,16 @@ impl std::fmt::Debug for WriteTx<'_> {
 
 impl<'c> WriteTx<'c> {
     pub(super) fn new(backend: &'c mut dyn TxBackend, cache: Option<&'c mut RunCache>) -> Self {
+        let late = backend.numbers_at_commit();
         WriteTx {
             backend,
             cache,
             heads: HashMap::new(),
+            locked: HashSet::new(),
+            late,
             overlay: HashMap::new(),
             dirty: Vec::new(),
+            unsealed: Vec::new(),
             read_ids: HashSet::new(),
             states: Vec::new(),
             events: Vec::new(),
@@ -261,7 +300,7 @@ impl<'c> WriteTx<'c> {
         self.touched.push((id.clone(), self.op));
         match self.overlay.get_mut(&id) {
             Some(p) => {
-                if !self.dirty.contains(&id) {
+                if !self.dirty.contains(&id) && !self.unsealed.contains(&id) {
                     self.dirty.push(id);
                 }
                 p.run = run;
@@ -465,7 +504,7 @@ impl<'c> WriteTx<'c> {
         // Current now: keep those of the tenants locked (another tenant's
         // runs wait for the next sweep).
         let (executions, task_runs) = self.backend.expired_pauses(now, limit).await?;
-        let locked = |(tenant, _): &(String, String)| self.heads.contains_key(tenant);
+        let locked = |(tenant, _): &(String, String)| self.locked.contains(tenant);
         Ok((
             executions.into_iter().filter(locked).collect(),
             task_runs.into_iter().filter(locked).collect(),
@@ -555,7 +594,7 @@ impl<'c> WriteTx<'c> {
         let mut wanted: Vec<&str> = tenants
             .iter()
             .copied()
-            .filter(|t| !self.heads.contains_key(*t))
+            .filter(|t| !self.locked.contains(*t))
             .collect();
         if wanted.is_empty() {
             return Ok(());
@@ -564,22 +603,64 @@ impl<'c> WriteTx<'c> {
         wanted.dedup();
         let heads = self.backend.lock_heads(&wanted).await?;
         for t in wanted {
+            self.locked.insert(t.to_owned());
             let head = heads.get(t).copied().unwrap_or(0);
-            self.heads.insert(t.to_owned(), (head, head));
+            match self.heads.get_mut(t) {
+                // Numbers given before the lock count from 0: they follow
+                // the head now that it is known (and held).
+                Some((start, given)) => {
+                    *start = head;
+                    *given += head;
+                    self.renumber(t, head);
+                }
+                None => {
+                    self.heads.insert(t.to_owned(), (head, head));
+                }
+            }
         }
         Ok(())
     }
 
-    /// Appends an event to its tenant's log and returns its sequence.
-    /// Subscribers receive the event once the transaction commits.
+    /// Moves the numbers given to `tenant`'s events and runs in this
+    /// transaction by `by`.
+    fn renumber(&mut self, tenant: &str, by: i64) {
+        for e in &mut self.events {
+            if e.event.tenant_id == tenant {
+                e.event.seq += by;
+            }
+        }
+        for p in self.overlay.values_mut() {
+            if p.run.tenant_id() == tenant {
+                p.last_seq += by;
+            }
+        }
+    }
+
+    /// Locks the tenants of a batch's operations before they run, when
+    /// events are numbered as they are appended.
+    pub(super) async fn lock_up_front(&mut self, tenants: &[&str]) -> Result<()> {
+        if self.late {
+            return Ok(());
+        }
+        self.lock_tenants(tenants).await
+    }
+
+    /// Appends an event to its tenant's log and returns its sequence, for
+    /// the run it is of to be saved with (when events are numbered at
+    /// commit, a number in the transaction, which the commit moves along
+    /// with the event's). Subscribers receive the event once the
+    /// transaction commits.
     pub async fn append_event(&mut self, event: &Event<'_>) -> Result<i64> {
         let tenant = event.resource.tenant_id();
-        self.lock_tenants(&[tenant]).await?;
+        if !self.late {
+            self.lock_tenants(&[tenant]).await?;
+        }
         self.writes_in_op += 1;
-        let head = self
-            .heads
-            .get_mut(tenant)
-            .ok_or_else(|| Error::Internal("a tenant's log was not locked".into()))?;
+        let head = match self.heads.get_mut(tenant) {
+            Some(head) => head,
+            None if self.late => self.heads.entry(tenant.to_owned()).or_insert((0, 0)),
+            None => return Err(Error::Internal("a tenant's log was not locked".into())),
+        };
         head.1 += 1;
         let seq = head.1;
         let record = event.record();
@@ -615,6 +696,7 @@ impl<'c> WriteTx<'c> {
             self.overlay.remove(id);
         }
         self.dirty.retain(|id| !ids.contains(id));
+        self.unsealed.retain(|id| !ids.contains(id));
         self.states.retain(|(_, run_id, _)| !ids.contains(run_id));
         self.events.retain(|e| {
             let run = e
@@ -656,7 +738,7 @@ impl<'c> WriteTx<'c> {
             };
             if let Some(seq) = renumbered.get(&(tenant.clone(), p.last_seq)) {
                 p.last_seq = *seq;
-                if !self.dirty.contains(id) {
+                if !self.dirty.contains(id) && !self.unsealed.contains(id) {
                     self.dirty.push(id.clone());
                 }
             }
@@ -674,6 +756,85 @@ impl<'c> WriteTx<'c> {
     /// An operation that creates a run writes nothing else, so running it
     /// again repeats nothing.
     pub(super) async fn flush(&mut self) -> Result<()> {
+        if self.late {
+            // What is written now keeps its numbers: the tenants are
+            // locked first, and the runs left for `seal` are written too.
+            let mut ids = std::mem::take(&mut self.unsealed);
+            ids.append(&mut self.dirty);
+            let tenants: Vec<String> = ids
+                .iter()
+                .filter_map(|id| self.overlay.get(id))
+                .map(|p| p.run.tenant_id().to_owned())
+                .filter(|t| !self.locked.contains(t))
+                .collect();
+            self.dirty = ids;
+            let tenants: Vec<&str> = tenants.iter().map(String::as_str).collect();
+            self.lock_tenants(&tenants).await?;
+        }
+        self.write_dirty().await
+    }
+
+    /// Before the operations' end is sealed: writes the runs of locked
+    /// tenants and the history rows; checks the new runs of the other
+    /// tenants against the stored runs' idempotency keys (withdrawing
+    /// those that meet one, as `flush` does) and leaves them for `seal`.
+    pub(super) async fn settle(&mut self) -> Result<()> {
+        if !self.late {
+            return self.flush().await;
+        }
+        let (mut now, mut later) = (Vec::new(), Vec::new());
+        let mut lock = Vec::new();
+        for id in std::mem::take(&mut self.dirty) {
+            let Some(p) = self.overlay.get(&id) else {
+                continue;
+            };
+            let tenant = p.run.tenant_id();
+            if !self.locked.contains(tenant) {
+                if p.new {
+                    later.push(id);
+                    continue;
+                }
+                lock.push(tenant.to_owned());
+            }
+            now.push(id);
+        }
+        let lock: Vec<&str> = lock.iter().map(String::as_str).collect();
+        self.lock_tenants(&lock).await?;
+        self.dirty = now;
+        if !later.is_empty() {
+            let conflicts = {
+                let (mut executions, mut task_runs) = (Vec::new(), Vec::new());
+                for id in &later {
+                    match self.overlay.get(id).map(|p| &p.run) {
+                        Some(CachedRun::Execution(e)) => executions.push(RunRow {
+                            run: e,
+                            last_seq: 0,
+                            request_hash: None,
+                            new: true,
+                        }),
+                        Some(CachedRun::TaskRun(t)) => task_runs.push(RunRow {
+                            run: t,
+                            last_seq: 0,
+                            request_hash: None,
+                            new: true,
+                        }),
+                        None => {}
+                    }
+                }
+                self.backend
+                    .stored_conflicts(&executions, &task_runs)
+                    .await?
+            };
+            self.unsealed.extend(later);
+            if !conflicts.is_empty() {
+                self.withdraw(&conflicts.into_iter().collect())?;
+            }
+        }
+        self.write_dirty().await
+    }
+
+    /// Writes the runs in `dirty` and the history rows.
+    async fn write_dirty(&mut self) -> Result<()> {
         let dirty = std::mem::take(&mut self.dirty);
         let (mut executions, mut task_runs) = (Vec::new(), Vec::new());
         for id in &dirty {
@@ -731,20 +892,15 @@ impl<'c> WriteTx<'c> {
     /// Ends the transaction's writes: the pending runs and history rows,
     /// then the events, and each tenant's new head.
     pub(super) async fn finish(&mut self) -> Result<()> {
+        if self.late {
+            return self.seal().await;
+        }
         self.flush().await?;
         if self.events.is_empty() {
             return Ok(());
         }
         let events = std::mem::take(&mut self.events);
-        let rows: Vec<EventRow<'_>> = events
-            .iter()
-            .map(|e| EventRow {
-                event: &e.event,
-                occurred_at: e.occurred_at,
-                format: EventFormat::Record.code() as i16,
-                bytes: &e.bytes,
-            })
-            .collect();
+        let rows: Vec<EventRow<'_>> = events.iter().map(PendingEvent::row).collect();
         self.backend.insert_events(&rows).await?;
         drop(rows);
         let heads: Vec<(&str, i64)> = self
@@ -754,6 +910,89 @@ impl<'c> WriteTx<'c> {
             .map(|(t, (_, head))| (t.as_str(), *head))
             .collect();
         self.backend.set_heads(&heads).await?;
+        self.published.extend(events.into_iter().map(|e| e.event));
+        Ok(())
+    }
+
+    /// `finish` when events are numbered at commit: the runs of locked
+    /// tenants and the history rows are written, the new runs of the
+    /// others checked; then one statement takes the tenants' counter
+    /// rows, numbers the events after the heads and writes them with the
+    /// new runs.
+    async fn seal(&mut self) -> Result<()> {
+        self.settle().await?;
+        if self.events.is_empty() && self.unsealed.is_empty() {
+            return Ok(());
+        }
+        let mut events = std::mem::take(&mut self.events);
+        let unsealed = std::mem::take(&mut self.unsealed);
+        let start = |heads: &HashMap<String, (i64, i64)>, tenant: &str| {
+            heads
+                .get(tenant)
+                .map(|(start, _)| *start)
+                .ok_or_else(|| Error::Internal("a tenant's log was not numbered".into()))
+        };
+        // Numbers in the transaction, from 1 per tenant.
+        for e in &mut events {
+            e.event.seq -= start(&self.heads, &e.event.tenant_id)?;
+        }
+        let counts: Vec<(&str, i64)> = self
+            .heads
+            .iter()
+            .filter(|(_, (start, given))| given > start)
+            .map(|(t, (start, given))| (t.as_str(), given - start))
+            .collect();
+        let (mut executions, mut task_runs) = (Vec::new(), Vec::new());
+        for id in &unsealed {
+            match self.overlay.get(id) {
+                Some(PendingRun {
+                    run: CachedRun::Execution(e),
+                    last_seq,
+                    request_hash,
+                    ..
+                }) => executions.push(RunRow {
+                    run: e,
+                    last_seq: last_seq - start(&self.heads, &e.tenant_id)?,
+                    request_hash: request_hash.as_deref(),
+                    new: true,
+                }),
+                Some(PendingRun {
+                    run: CachedRun::TaskRun(t),
+                    last_seq,
+                    ..
+                }) => task_runs.push(RunRow {
+                    run: t,
+                    last_seq: last_seq - start(&self.heads, &t.tenant_id)?,
+                    request_hash: None,
+                    new: true,
+                }),
+                None => {}
+            }
+        }
+        let rows: Vec<EventRow<'_>> = events.iter().map(PendingEvent::row).collect();
+        let bases = self
+            .backend
+            .seal(&counts, &rows, &executions, &task_runs)
+            .await?;
+        drop((rows, executions, task_runs));
+        for (tenant, (start, _)) in &self.heads {
+            if self.locked.contains(tenant) && bases.get(tenant).is_some_and(|b| b != start) {
+                return Err(Error::Internal(
+                    "a tenant's head moved while it was locked".into(),
+                ));
+            }
+        }
+        for e in &mut events {
+            let base = bases
+                .get(&e.event.tenant_id)
+                .ok_or_else(|| Error::Internal("an event's tenant was not numbered".into()))?;
+            e.event.seq += base;
+        }
+        for id in &unsealed {
+            if let Some(p) = self.overlay.get_mut(id) {
+                p.new = false;
+            }
+        }
         self.published.extend(events.into_iter().map(|e| e.event));
         Ok(())
     }

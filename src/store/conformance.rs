@@ -181,6 +181,30 @@ fn new_execution() -> NewExecution {
     }
 }
 
+/// A new execution of `tenant` as the ledger would make it, created at
+/// `at`.
+pub(crate) fn execution_at(tenant: &str, at: Timestamp, request_id: Option<&str>) -> Execution {
+    let new = new_execution();
+    Execution {
+        id: ExecutionId::new(),
+        tenant_id: tenant.to_string(),
+        task_id: new.task_id,
+        name: new.name,
+        input: new.input,
+        goal: new.goal,
+        max_depth: new.max_depth,
+        config_profile: new.config_profile,
+        effective_config: EffectiveConfig::resolve(new.config_profile, &new.config_overrides),
+        config_overrides: new.config_overrides,
+        metadata: new.metadata,
+        request_id: request_id.map(str::to_owned),
+        run: RunCore::new(
+            StateProposal::of_type(StateType::Pending).into_state(at),
+            "conformance",
+        ),
+    }
+}
+
 fn new_task_run(execution_id: ExecutionId, task_key: &str) -> NewTaskRun {
     NewTaskRun {
         execution_id,
@@ -396,28 +420,7 @@ async fn executions_created_at(
             Box::pin(async move {
                 let mut made = Vec::new();
                 for _ in 0..n {
-                    let new = new_execution();
-                    let e = Execution {
-                        id: ExecutionId::new(),
-                        tenant_id: tenant.to_string(),
-                        task_id: new.task_id,
-                        name: new.name,
-                        input: new.input,
-                        goal: new.goal,
-                        max_depth: new.max_depth,
-                        config_profile: new.config_profile,
-                        effective_config: EffectiveConfig::resolve(
-                            new.config_profile,
-                            &new.config_overrides,
-                        ),
-                        config_overrides: new.config_overrides,
-                        metadata: new.metadata,
-                        request_id: None,
-                        run: RunCore::new(
-                            StateProposal::of_type(StateType::Pending).into_state(at),
-                            "conformance",
-                        ),
-                    };
+                    let e = execution_at(&tenant, at, None);
                     tx.append_state(&tenant, &e.id.to_string(), &e.run.state)
                         .await?;
                     let seq = tx

@@ -379,7 +379,11 @@ async fn commit(
         .filter_map(|op| op.tenant().map(str::to_owned))
         .collect();
     let mut tx = WriteTx::new(&mut *backend, cache.as_deref_mut());
-    tx.careful = ops.len() == 1;
+    // An operation alone asks the database for its idempotency keys
+    // first, rather than meet a stored run when it writes and run again;
+    // unless that would take its tenant's counter row for the whole
+    // transaction (see `batch`).
+    tx.careful = ops.len() == 1 && !tx.late;
     // A panic in an operation (or in flushing its writes) fails the
     // transaction like any other error, and the writer carries on.
     let applied = AssertUnwindSafe(apply_all(&mut tx, &tenants, ops))
@@ -414,14 +418,15 @@ async fn commit(
 }
 
 async fn apply_all(tx: &mut WriteTx<'_>, tenants: &[String], ops: &mut [BoxedOp]) -> Result<()> {
-    // The tenants' counters are taken before anything of theirs is read.
+    // The tenants' counters are taken before anything of theirs is read
+    // (or, when events are numbered at commit, by the first read).
     let tenants: Vec<&str> = tenants.iter().map(String::as_str).collect();
-    tx.lock_tenants(&tenants).await?;
+    tx.lock_up_front(&tenants).await?;
     for (i, op) in ops.iter_mut().enumerate() {
         tx.op = i;
         op.apply(tx).await?;
     }
-    tx.flush().await?;
+    tx.settle().await?;
     // Operations whose new run met one already stored under the same
     // idempotency key run again, carefully, and find the stored run.
     loop {
@@ -434,7 +439,7 @@ async fn apply_all(tx: &mut WriteTx<'_>, tenants: &[String], ops: &mut [BoxedOp]
             tx.op = i;
             ops[i].apply(tx).await?;
         }
-        tx.flush().await?;
+        tx.settle().await?;
     }
     tx.finish().await
 }

@@ -677,6 +677,15 @@ mod tests {
         }
 
         async fn open(listener: Arc<dyn CommitListener>) -> (Store, Guard) {
+            let (url, fresh) = fresh().await;
+            let (store, writer) = Store::open(&url, Durability::Process, listener)
+                .await
+                .unwrap();
+            (store, Box::new((writer, fresh)))
+        }
+
+        /// A fresh database: its URL, and the guard that drops it.
+        async fn fresh() -> (String, Fresh) {
             let server = server();
             let mut conn = PgConnection::connect(&server).await.unwrap_or_else(|e| {
                 panic!(
@@ -696,13 +705,143 @@ mod tests {
                 name: name.clone(),
             };
             let (base, _) = server.rsplit_once('/').expect("a database in the URL");
-            let url = format!("{base}/{name}");
-            let (store, writer) = Store::open(&url, Durability::Process, listener)
-                .await
-                .unwrap();
-            (store, Box::new((writer, fresh)))
+            (format!("{base}/{name}"), fresh)
         }
 
         crate::store::conformance_suite!(open);
+
+        /// A fresh, migrated database: its URL, and the guard that drops it
+        /// (with the store that migrated it).
+        async fn migrated() -> (String, Guard) {
+            let (url, fresh) = fresh().await;
+            let heard = Arc::new(crate::store::conformance::Heard::default());
+            let (store, writer) = Store::open(&url, Durability::Process, heard).await.unwrap();
+            (url, Box::new((store, writer, fresh)))
+        }
+
+        mod seal {
+            use std::sync::Arc;
+
+            use super::migrated;
+            use crate::{
+                domain::{Event, EventKind, Resource, Timestamp},
+                store::{
+                    EventBody, EventFormat, StoredEvent,
+                    backend::{EventRow, RunRow, TxBackend},
+                    conformance::execution_at,
+                    postgres::tx::PgTx,
+                },
+            };
+
+            /// A new execution's creation event, numbered 1 in its
+            /// transaction, and the execution.
+            fn created(request_id: &str) -> (crate::domain::Execution, StoredEvent, Vec<u8>) {
+                let e = execution_at("t", Timestamp::now(), Some(request_id));
+                let record = Event {
+                    kind: EventKind::Created,
+                    occurred_at: e.run.created_at,
+                    previous_state_type: None,
+                    resource: Resource::Execution(&e),
+                    task_id: None,
+                }
+                .record();
+                let bytes = record.encode().unwrap();
+                let stored = StoredEvent {
+                    seq: 1,
+                    tenant_id: "t".into(),
+                    execution_id: e.id.to_string(),
+                    task_run_id: None,
+                    task_id: None,
+                    body: EventBody::Record(Arc::new(record)),
+                };
+                (e, stored, bytes)
+            }
+
+            async fn seal_one(
+                tx: &mut PgTx,
+                (e, stored, bytes): &(crate::domain::Execution, StoredEvent, Vec<u8>),
+            ) -> crate::Result<std::collections::HashMap<String, i64>> {
+                let event = EventRow {
+                    event: stored,
+                    occurred_at: e.run.created_at.as_micros(),
+                    format: EventFormat::Record.code() as i16,
+                    bytes,
+                };
+                let run = RunRow {
+                    run: e,
+                    last_seq: 1,
+                    request_hash: Some("fingerprint"),
+                    new: true,
+                };
+                tx.seal(&[("t", 1)], &[event], &[run], &[]).await
+            }
+
+            fn checked(e: &crate::domain::Execution) -> RunRow<'_, crate::domain::Execution> {
+                RunRow {
+                    run: e,
+                    last_seq: 0,
+                    request_hash: None,
+                    new: true,
+                }
+            }
+
+            /// Two writers add an execution under one request_id: the one
+            /// whose check came before the other's commit finds, when it
+            /// writes, that it lost the race, and may run again; running
+            /// again, its check names the stored execution.
+            #[tokio::test]
+            async fn a_new_run_stored_by_another_writer_after_the_check_loses_the_race() {
+                let (url, _guard) = migrated().await;
+                let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+                let mut a = PgTx::new(options.clone(), &url);
+                let mut b = PgTx::new(options, &url);
+                let mine = created("once");
+                let theirs = created("once");
+
+                a.begin().await.unwrap();
+                let conflicts = a.stored_conflicts(&[checked(&mine.0)], &[]).await.unwrap();
+                assert!(conflicts.is_empty());
+
+                b.begin().await.unwrap();
+                let bases = seal_one(&mut b, &theirs).await.unwrap();
+                assert_eq!(bases.get("t"), Some(&0));
+                b.commit().await.unwrap();
+
+                let lost = seal_one(&mut a, &mine).await.unwrap_err();
+                assert!(a.is_retryable(&lost), "{lost}");
+                a.rollback().await;
+
+                a.begin().await.unwrap();
+                let conflicts = a.stored_conflicts(&[checked(&mine.0)], &[]).await.unwrap();
+                assert_eq!(conflicts, [mine.0.id.to_string()]);
+                a.rollback().await;
+
+                // The winner's event is the tenant's first; nothing of the
+                // loser's was kept.
+                b.begin().await.unwrap();
+                let heads = b.lock_heads(&["t"]).await.unwrap();
+                assert_eq!(heads.get("t"), Some(&1));
+                assert!(b.execution("t", mine.0.id).await.unwrap().is_none());
+                assert!(b.execution("t", theirs.0.id).await.unwrap().is_some());
+                b.rollback().await;
+            }
+
+            /// Events sealed by one writer follow those another committed
+            /// first, numbered densely from each tenant's head.
+            #[tokio::test]
+            async fn a_seal_numbers_after_the_head_another_writer_left() {
+                let (url, _guard) = migrated().await;
+                let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+                let mut a = PgTx::new(options.clone(), &url);
+                let mut b = PgTx::new(options, &url);
+                for i in 0..3 {
+                    let tx = if i == 1 { &mut b } else { &mut a };
+                    tx.begin().await.unwrap();
+                    let bases = seal_one(tx, &created(&format!("r{i}"))).await.unwrap();
+                    assert_eq!(bases.get("t"), Some(&(i as i64)));
+                    tx.commit().await.unwrap();
+                }
+            }
+        }
     }
 }

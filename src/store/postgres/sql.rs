@@ -155,6 +155,88 @@ pub(crate) const SET_HEADS: &str = "WITH raised AS (UPDATE tenant_heads AS h SET
      WHERE h.tenant_id = x.tenant_id RETURNING h.tenant_id, h.head) \
      SELECT COUNT(pg_notify('runledger_events', tenant_id || ':' || head)) FROM raised";
 
+/// Of the new runs a transaction is about to add (executions: $1
+/// tenant, $2 id, $3 request_id; task runs: $4 tenant, $5 id, $6
+/// execution, $7 task key, $8 dynamic key), those stored already under
+/// the same id or idempotency key: their ids.
+pub(crate) const STORED_CONFLICTS: &str = "SELECT x.id \
+     FROM UNNEST($1::text[], $2::text[], $3::text[]) AS x (tenant_id, id, request_id) \
+     WHERE EXISTS (SELECT 1 FROM executions AS e \
+       WHERE e.tenant_id = x.tenant_id AND e.id = x.id) \
+      OR (x.request_id IS NOT NULL AND EXISTS (SELECT 1 FROM executions AS e \
+       WHERE e.tenant_id = x.tenant_id AND e.request_id = x.request_id)) \
+     UNION ALL \
+     SELECT y.id \
+     FROM UNNEST($4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) \
+      AS y (tenant_id, id, execution_id, task_key, dynamic_key) \
+     WHERE EXISTS (SELECT 1 FROM task_runs AS t \
+       WHERE t.tenant_id = y.tenant_id AND t.id = y.id) \
+      OR EXISTS (SELECT 1 FROM task_runs AS t \
+       WHERE t.tenant_id = y.tenant_id AND t.execution_id = y.execution_id \
+        AND t.task_key = y.task_key AND t.dynamic_key = y.dynamic_key)";
+
+/// Ends a transaction's writes in one statement that holds the tenants'
+/// counter rows only from here to the commit: raises each tenant's head
+/// ($1 tenants, $2 how many events) and locks it; writes the events
+/// ($3..$10, each numbered from 1 in the transaction) and the new runs
+/// not written yet ($11..$22 executions, $23..$35 task runs, their latest
+/// events numbered the same way) after the head they found; tells
+/// listeners of channel runledger_events, "<tenant>:<head>", once the
+/// transaction commits. Returns each tenant's head before the transaction
+/// and how many of the new runs were written (one stored meanwhile under
+/// the same idempotency key is not).
+pub(crate) const SEAL: &str = "WITH counts AS (\
+       SELECT * FROM UNNEST($1::text[], $2::bigint[]) AS c (tenant_id, n)), \
+     raised AS (\
+       INSERT INTO tenant_heads AS h (tenant_id, head) \
+       SELECT tenant_id, n FROM counts ORDER BY tenant_id \
+       ON CONFLICT (tenant_id) DO UPDATE SET head = h.head + EXCLUDED.head \
+       RETURNING h.tenant_id, h.head), \
+     bases AS (\
+       SELECT r.tenant_id, r.head, r.head - c.n AS base \
+       FROM raised AS r JOIN counts AS c USING (tenant_id)), \
+     logged AS (\
+       INSERT INTO events \
+       (tenant_id, seq, execution_id, task_run_id, task_id, occurred_at, format, payload) \
+       SELECT e.tenant_id, b.base + e.n, e.execution_id, e.task_run_id, e.task_id, \
+        e.occurred_at, e.format, e.payload \
+       FROM UNNEST($3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[], \
+        $8::bigint[], $9::smallint[], $10::bytea[]) \
+        AS e (tenant_id, n, execution_id, task_run_id, task_id, occurred_at, format, payload) \
+       JOIN bases AS b USING (tenant_id)), \
+     new_executions AS (\
+       INSERT INTO executions \
+       (tenant_id, id, created_at, task_id, state_type, request_id, request_hash, deleted_at, \
+        last_seq, pause_deadline, metadata, doc) \
+       SELECT x.tenant_id, x.id, x.created_at, x.task_id, x.state_type, x.request_id, \
+        x.request_hash, x.deleted_at, b.base + x.n, x.pause_deadline, x.metadata::jsonb, x.doc \
+       FROM UNNEST($11::text[], $12::text[], $13::bigint[], $14::text[], $15::smallint[], \
+        $16::text[], $17::text[], $18::bigint[], $19::bigint[], $20::bigint[], $21::text[], \
+        $22::text[]) \
+        AS x (tenant_id, id, created_at, task_id, state_type, request_id, request_hash, \
+         deleted_at, n, pause_deadline, metadata, doc) \
+       JOIN bases AS b USING (tenant_id) \
+       ON CONFLICT DO NOTHING RETURNING 1), \
+     new_task_runs AS (\
+       INSERT INTO task_runs \
+       (tenant_id, id, execution_id, task_key, dynamic_key, created_at, state_type, stale, \
+        deleted_at, last_seq, pause_deadline, labels, doc) \
+       SELECT x.tenant_id, x.id, x.execution_id, x.task_key, x.dynamic_key, x.created_at, \
+        x.state_type, x.stale, x.deleted_at, b.base + x.n, x.pause_deadline, x.labels::jsonb, \
+        x.doc \
+       FROM UNNEST($23::text[], $24::text[], $25::text[], $26::text[], $27::text[], \
+        $28::bigint[], $29::smallint[], $30::boolean[], $31::bigint[], $32::bigint[], \
+        $33::bigint[], $34::text[], $35::text[]) \
+        AS x (tenant_id, id, execution_id, task_key, dynamic_key, created_at, state_type, \
+         stale, deleted_at, n, pause_deadline, labels, doc) \
+       JOIN bases AS b USING (tenant_id) \
+       ON CONFLICT DO NOTHING RETURNING 1), \
+     told AS (\
+       SELECT COUNT(pg_notify('runledger_events', tenant_id || ':' || head)) AS n FROM bases), \
+     written AS (\
+       SELECT (SELECT COUNT(*) FROM new_executions) + (SELECT COUNT(*) FROM new_task_runs) AS n) \
+     SELECT b.tenant_id, b.base, w.n FROM bases AS b, told, written AS w";
+
 /// Where retention stops in a tenant's log: the last event before the
 /// first that occurred at or after the cutoff ($2), or the log's last
 /// event; and the tenant's compaction mark.
@@ -224,5 +306,6 @@ mod tests {
     fn heads_are_announced_on_the_events_channel() {
         let notify = format!("pg_notify('{}', ", crate::store::EVENTS_CHANNEL);
         assert!(super::SET_HEADS.contains(&notify));
+        assert!(super::SEAL.contains(&notify));
     }
 }

@@ -559,35 +559,16 @@ impl TxBackend for PgTx {
 
     async fn insert_events(&mut self, events: &[EventRow<'_>]) -> Result<()> {
         for chunk in events.chunks(ROWS_PER_STATEMENT) {
-            let n = chunk.len();
-            let mut tenants = Vec::with_capacity(n);
-            let mut seqs = Vec::with_capacity(n);
-            let mut executions = Vec::with_capacity(n);
-            let mut task_runs = Vec::with_capacity(n);
-            let mut task_ids = Vec::with_capacity(n);
-            let mut occurred = Vec::with_capacity(n);
-            let mut formats = Vec::with_capacity(n);
-            let mut payloads = Vec::with_capacity(n);
-            for e in chunk {
-                let s = e.event;
-                tenants.push(s.tenant_id.as_str());
-                seqs.push(s.seq);
-                executions.push(s.execution_id.as_str());
-                task_runs.push(s.task_run_id.as_deref());
-                task_ids.push(s.task_id.as_deref());
-                occurred.push(e.occurred_at);
-                formats.push(e.format);
-                payloads.push(e.bytes);
-            }
+            let e = EventColumns::of(chunk);
             run!(self, |conn| sqlx::query(sql::INSERT_EVENTS)
-                .bind(&tenants)
-                .bind(&seqs)
-                .bind(&executions)
-                .bind(&task_runs)
-                .bind(&task_ids)
-                .bind(&occurred)
-                .bind(&formats)
-                .bind(&payloads)
+                .bind(&e.tenants)
+                .bind(&e.seqs)
+                .bind(&e.executions)
+                .bind(&e.task_runs)
+                .bind(&e.task_ids)
+                .bind(&e.occurred)
+                .bind(&e.formats)
+                .bind(&e.payloads)
                 .execute(conn))?;
         }
         Ok(())
@@ -601,6 +582,116 @@ impl TxBackend for PgTx {
             .bind(tenants)
             .fetch_all(conn))?;
         Ok(rows.into_iter().collect())
+    }
+
+    fn numbers_at_commit(&self) -> bool {
+        true
+    }
+
+    async fn stored_conflicts(
+        &mut self,
+        executions: &[RunRow<'_, Execution>],
+        task_runs: &[RunRow<'_, TaskRun>],
+    ) -> Result<Vec<String>> {
+        let x_tenants: Vec<&str> = executions
+            .iter()
+            .map(|r| r.run.tenant_id.as_str())
+            .collect();
+        let x_ids: Vec<String> = executions.iter().map(|r| r.run.id.to_string()).collect();
+        let x_requests: Vec<Option<&str>> = executions
+            .iter()
+            .map(|r| r.run.request_id.as_deref())
+            .collect();
+        let t_tenants: Vec<&str> = task_runs.iter().map(|r| r.run.tenant_id.as_str()).collect();
+        let t_ids: Vec<String> = task_runs.iter().map(|r| r.run.id.to_string()).collect();
+        let t_executions: Vec<String> = task_runs
+            .iter()
+            .map(|r| r.run.execution_id.to_string())
+            .collect();
+        let t_keys: Vec<&str> = task_runs.iter().map(|r| r.run.task_key.as_str()).collect();
+        let t_dynamic: Vec<&str> = task_runs
+            .iter()
+            .map(|r| r.run.dynamic_key.as_str())
+            .collect();
+        run!(self, |conn| sqlx::query_scalar(sql::STORED_CONFLICTS)
+            .bind(&x_tenants)
+            .bind(&x_ids)
+            .bind(&x_requests)
+            .bind(&t_tenants)
+            .bind(&t_ids)
+            .bind(&t_executions)
+            .bind(&t_keys)
+            .bind(&t_dynamic)
+            .fetch_all(conn))
+    }
+
+    async fn seal(
+        &mut self,
+        counts: &[(&str, i64)],
+        events: &[EventRow<'_>],
+        executions: &[RunRow<'_, Execution>],
+        task_runs: &[RunRow<'_, TaskRun>],
+    ) -> Result<HashMap<String, i64>> {
+        let tenants: Vec<&str> = counts.iter().map(|(t, _)| *t).collect();
+        let ns: Vec<i64> = counts.iter().map(|(_, n)| *n).collect();
+        let e = EventColumns::of(events);
+        let x = ExecutionColumns::of(&executions.iter().collect::<Vec<_>>())?;
+        let t = TaskRunColumns::of(&task_runs.iter().collect::<Vec<_>>())?;
+        let sealed: Vec<(String, i64, i64)> = run!(self, |conn| sqlx::query_as(sql::SEAL)
+            .bind(&tenants)
+            .bind(&ns)
+            .bind(&e.tenants)
+            .bind(&e.seqs)
+            .bind(&e.executions)
+            .bind(&e.task_runs)
+            .bind(&e.task_ids)
+            .bind(&e.occurred)
+            .bind(&e.formats)
+            .bind(&e.payloads)
+            .bind(&x.tenant_id)
+            .bind(&x.id)
+            .bind(&x.created_at)
+            .bind(&x.task_id)
+            .bind(&x.state_type)
+            .bind(&x.request_id)
+            .bind(&x.request_hash)
+            .bind(&x.deleted_at)
+            .bind(&x.last_seq)
+            .bind(&x.pause_deadline)
+            .bind(&x.metadata)
+            .bind(&x.doc)
+            .bind(&t.tenant_id)
+            .bind(&t.id)
+            .bind(&t.execution_id)
+            .bind(&t.task_key)
+            .bind(&t.dynamic_key)
+            .bind(&t.created_at)
+            .bind(&t.state_type)
+            .bind(&t.stale)
+            .bind(&t.deleted_at)
+            .bind(&t.last_seq)
+            .bind(&t.pause_deadline)
+            .bind(&t.labels)
+            .bind(&t.doc)
+            .fetch_all(conn))?;
+        if sealed.len() != counts.len() {
+            return Err(Error::Internal(format!(
+                "numbered the events of {} of {} tenants",
+                sealed.len(),
+                counts.len()
+            )));
+        }
+        let written = sealed.first().map_or(0, |(_, _, n)| *n);
+        if written != (executions.len() + task_runs.len()) as i64 {
+            // Another writer stored a run under one of the new runs'
+            // idempotency keys since they were checked: run again, and
+            // the check finds it.
+            self.retry = Some(Retry::Race);
+            return Err(Error::Internal(
+                "a new run met one stored meanwhile under the same key".into(),
+            ));
+        }
+        Ok(sealed.into_iter().map(|(t, base, _)| (t, base)).collect())
     }
 
     async fn set_heads(&mut self, heads: &[(&str, i64)]) -> Result<()> {
@@ -813,6 +904,46 @@ impl<'a> TaskRunColumns<'a> {
             c.doc.push(rows::encode_doc(t)?);
         }
         Ok(c)
+    }
+}
+
+/// Events as the columns of an UNNEST insert.
+struct EventColumns<'a> {
+    tenants: Vec<&'a str>,
+    seqs: Vec<i64>,
+    executions: Vec<&'a str>,
+    task_runs: Vec<Option<&'a str>>,
+    task_ids: Vec<Option<&'a str>>,
+    occurred: Vec<i64>,
+    formats: Vec<i16>,
+    payloads: Vec<&'a [u8]>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn of(events: &[EventRow<'a>]) -> Self {
+        let n = events.len();
+        let mut c = EventColumns {
+            tenants: Vec::with_capacity(n),
+            seqs: Vec::with_capacity(n),
+            executions: Vec::with_capacity(n),
+            task_runs: Vec::with_capacity(n),
+            task_ids: Vec::with_capacity(n),
+            occurred: Vec::with_capacity(n),
+            formats: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+        };
+        for e in events {
+            let s = e.event;
+            c.tenants.push(s.tenant_id.as_str());
+            c.seqs.push(s.seq);
+            c.executions.push(s.execution_id.as_str());
+            c.task_runs.push(s.task_run_id.as_deref());
+            c.task_ids.push(s.task_id.as_deref());
+            c.occurred.push(e.occurred_at);
+            c.formats.push(e.format);
+            c.payloads.push(e.bytes);
+        }
+        c
     }
 }
 
