@@ -205,8 +205,10 @@ pub(crate) trait TxBackend: Send {
     /// Ends the transaction's writes: writes the events, numbered 1, 2, ...
     /// per tenant in the transaction (`counts`: how many each tenant has),
     /// after each tenant's head, which it raises and locks until the
-    /// commit; and the new runs not written yet, their latest sequences
-    /// numbered the same way. Returns each tenant's head as it was before;
+    /// commit; the new runs not written yet, their latest sequences
+    /// numbered the same way; and the history rows not written yet. A
+    /// batch that wrote nothing before may commit with it (then `commit`
+    /// has nothing left to do). Returns each tenant's head as it was before;
     /// a retryable error if one of the new runs met a run stored meanwhile
     /// under the same idempotency key.
     async fn seal(
@@ -215,6 +217,7 @@ pub(crate) trait TxBackend: Send {
         _events: &[EventRow<'_>],
         _executions: &[RunRow<'_, Execution>],
         _task_runs: &[RunRow<'_, TaskRun>],
+        _states: &[StateRow],
     ) -> Result<HashMap<String, i64>> {
         Err(crate::Error::Internal(
             "this backend numbers events as they are appended".into(),

@@ -19,7 +19,10 @@
 //! adds new runs (which no other writer can have read) numbers its events
 //! 1, 2, ... as it goes and has the backend move them past the tenant's
 //! head as it writes them (`TxBackend::seal`), so that the row is held
-//! for one statement and the commit, not the whole transaction.
+//! for one statement and the commit, not the whole transaction. Its new
+//! runs are checked against the stored runs' idempotency keys before
+//! (`settle`); one another writer stores meanwhile makes the seal fail as
+//! a lost race, and the batch runs again.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -771,17 +774,19 @@ impl<'c> WriteTx<'c> {
             let tenants: Vec<&str> = tenants.iter().map(String::as_str).collect();
             self.lock_tenants(&tenants).await?;
         }
-        self.write_dirty().await
+        self.write_dirty().await?;
+        self.write_states().await
     }
 
     /// Before the operations' end is sealed: writes the runs of locked
-    /// tenants and the history rows; checks the new runs of the other
+    /// tenants; checks the new runs of the other
     /// tenants against the stored runs' idempotency keys (withdrawing
     /// those that meet one, as `flush` does) and leaves them for `seal`.
     pub(super) async fn settle(&mut self) -> Result<()> {
         if !self.late {
             return self.flush().await;
         }
+        // History rows are left for the seal too.
         let (mut now, mut later) = (Vec::new(), Vec::new());
         let mut lock = Vec::new();
         for id in std::mem::take(&mut self.dirty) {
@@ -833,7 +838,16 @@ impl<'c> WriteTx<'c> {
         self.write_dirty().await
     }
 
-    /// Writes the runs in `dirty` and the history rows.
+    /// Writes the pending history rows.
+    async fn write_states(&mut self) -> Result<()> {
+        let states = std::mem::take(&mut self.states);
+        if !states.is_empty() {
+            self.backend.insert_states(&states).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the runs in `dirty`.
     async fn write_dirty(&mut self) -> Result<()> {
         let dirty = std::mem::take(&mut self.dirty);
         let (mut executions, mut task_runs) = (Vec::new(), Vec::new());
@@ -882,10 +896,6 @@ impl<'c> WriteTx<'c> {
         if !withdrawn.is_empty() {
             self.withdraw(&withdrawn)?;
         }
-        let states = std::mem::take(&mut self.states);
-        if !states.is_empty() {
-            self.backend.insert_states(&states).await?;
-        }
         Ok(())
     }
 
@@ -922,7 +932,7 @@ impl<'c> WriteTx<'c> {
     async fn seal(&mut self) -> Result<()> {
         self.settle().await?;
         if self.events.is_empty() && self.unsealed.is_empty() {
-            return Ok(());
+            return self.write_states().await;
         }
         let mut events = std::mem::take(&mut self.events);
         let unsealed = std::mem::take(&mut self.unsealed);
@@ -970,9 +980,10 @@ impl<'c> WriteTx<'c> {
             }
         }
         let rows: Vec<EventRow<'_>> = events.iter().map(PendingEvent::row).collect();
+        let states = std::mem::take(&mut self.states);
         let bases = self
             .backend
-            .seal(&counts, &rows, &executions, &task_runs)
+            .seal(&counts, &rows, &executions, &task_runs, &states)
             .await?;
         drop((rows, executions, task_runs));
         for (tenant, (start, _)) in &self.heads {

@@ -773,7 +773,7 @@ mod tests {
                     request_hash: Some("fingerprint"),
                     new: true,
                 };
-                tx.seal(&[("t", 1)], &[event], &[run], &[]).await
+                tx.seal(&[("t", 1)], &[event], &[run], &[], &[]).await
             }
 
             fn checked(e: &crate::domain::Execution) -> RunRow<'_, crate::domain::Execution> {

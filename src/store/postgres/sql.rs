@@ -180,11 +180,14 @@ pub(crate) const STORED_CONFLICTS: &str = "SELECT x.id \
 /// ($1 tenants, $2 how many events) and locks it; writes the events
 /// ($3..$10, each numbered from 1 in the transaction) and the new runs
 /// not written yet ($11..$22 executions, $23..$35 task runs, their latest
-/// events numbered the same way) after the head they found; tells
+/// events numbered the same way) after the head they found, and the
+/// history rows not written yet ($36..$39); tells
 /// listeners of channel runledger_events, "<tenant>:<head>", once the
 /// transaction commits. Returns each tenant's head before the transaction
-/// and how many of the new runs were written (one stored meanwhile under
-/// the same idempotency key is not).
+/// and how many of the new runs were written; fails as a serialization
+/// failure, writing nothing, unless that is all of them ($40): one may
+/// meet a run another writer stored meanwhile under the same idempotency
+/// key.
 pub(crate) const SEAL: &str = "WITH counts AS (\
        SELECT * FROM UNNEST($1::text[], $2::bigint[]) AS c (tenant_id, n)), \
      raised AS (\
@@ -231,11 +234,18 @@ pub(crate) const SEAL: &str = "WITH counts AS (\
          stale, deleted_at, n, pause_deadline, labels, doc) \
        JOIN bases AS b USING (tenant_id) \
        ON CONFLICT DO NOTHING RETURNING 1), \
+     history AS (\
+       INSERT INTO states (tenant_id, run_id, id, doc) \
+       SELECT tenant_id, run_id, id, doc \
+       FROM UNNEST($36::text[], $37::text[], $38::text[], $39::text[]) WITH ORDINALITY \
+        AS s (tenant_id, run_id, id, doc, n) ORDER BY n), \
      told AS (\
        SELECT COUNT(pg_notify('runledger_events', tenant_id || ':' || head)) AS n FROM bases), \
      written AS (\
        SELECT (SELECT COUNT(*) FROM new_executions) + (SELECT COUNT(*) FROM new_task_runs) AS n) \
-     SELECT b.tenant_id, b.base, w.n FROM bases AS b, told, written AS w";
+     SELECT b.tenant_id, b.base, \
+      CASE WHEN w.n = $40 THEN w.n ELSE runledger_new_run_raced() END \
+     FROM bases AS b, told, written AS w";
 
 /// Where retention stops in a tenant's log: the last event before the
 /// first that occurred at or after the cutoff ($2), or the log's last

@@ -1,14 +1,22 @@
 //! The write transaction's primitives on PostgreSQL: the writer's own
 //! connection (made again when it is lost), READ COMMITTED transactions
-//! that lock their tenants' counter rows first, and multi-row statements
-//! over arrays.
+//! that lock a tenant's counter row before reading anything of it, and
+//! multi-row statements over arrays.
 //!
-//! A transaction that fails before COMMIT is sent leaves nothing behind,
-//! so it may run again: after losing a race with another server's writer
-//! (deadlock, serialization failure) or losing the connection (the next
-//! `begin` connects again). A connection lost while COMMIT is under way
-//! leaves the outcome unknown: the callers are answered UNAVAILABLE and
-//! retry with their idempotency keys.
+//! A batch's transaction begins with its first statement that needs one.
+//! A batch that only adds new runs needs none: it checks their
+//! idempotency keys, then one statement (`seal`) numbers its events after
+//! the tenant's head, writes them with the runs and history rows, and
+//! commits as it ends; the counter row is held only while that statement
+//! runs and its commit is flushed.
+//!
+//! A transaction that fails before COMMIT is sent (or a seal that fails
+//! with an error from the server) leaves nothing behind, so it may run
+//! again: after losing a race with another server's writer (deadlock,
+//! serialization failure) or losing the connection (the next `begin`
+//! connects again). A connection lost while COMMIT, or a seal that commits
+//! on its own, is under way leaves the outcome unknown: the callers are
+//! answered UNAVAILABLE and retry with their idempotency keys.
 
 use std::collections::HashMap;
 
@@ -52,6 +60,25 @@ pub(super) struct PgTx {
     shown: String,
     /// Set by the latest failed statement of the open transaction.
     retry: Option<Retry>,
+    /// Where the writer's transaction stands.
+    state: TxState,
+    /// Whether a statement of the current batch has run on the connection.
+    used: bool,
+}
+
+/// A transaction is begun when its first statement that needs one runs:
+/// a batch that only checks its new runs and then seals them needs none,
+/// its seal committing on its own (see `seal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxState {
+    /// No batch under way.
+    Idle,
+    /// A batch began; nothing it did needed a transaction yet.
+    Pending,
+    /// BEGIN was sent.
+    Open,
+    /// The batch's seal ran outside a transaction and committed.
+    Committed,
 }
 
 impl std::fmt::Debug for PgTx {
@@ -65,6 +92,30 @@ impl std::fmt::Debug for PgTx {
     }
 }
 
+/// Runs `$query` (an expression of `$conn`) in the writer's
+/// transaction, beginning it if need be, noting a failure.
+macro_rules! run {
+    ($self:ident, |$conn:ident| $query:expr) => {{
+        $self.open().await?;
+        run_alone!($self, |$conn| $query)
+    }};
+}
+
+/// Runs `$query` on the writer's connection, in the transaction if one is
+/// open and on its own otherwise, noting a failure.
+macro_rules! run_alone {
+    ($self:ident, |$conn:ident| $query:expr) => {{
+        let $conn = $self.conn()?;
+        match $query.await {
+            Ok(done) => {
+                $self.used = true;
+                Ok(done)
+            }
+            Err(e) => Err($self.failed(e)),
+        }
+    }};
+}
+
 impl PgTx {
     pub(super) fn new(options: PgConnectOptions, url: &str) -> Self {
         PgTx {
@@ -73,7 +124,33 @@ impl PgTx {
             url: url.to_owned(),
             shown: crate::database_url::redacted(url),
             retry: None,
+            state: TxState::Idle,
+            used: false,
         }
+    }
+
+    /// Sends BEGIN if the batch has no transaction open yet.
+    async fn open(&mut self) -> Result<()> {
+        if self.state != TxState::Pending {
+            return Ok(());
+        }
+        // A connection the server has ended shows it only when used: try
+        // once more on a new one.
+        for attempt in 0..2 {
+            if self.conn.is_none() {
+                self.reconnect().await?;
+            }
+            let begun = run_alone!(self, |conn| sqlx::raw_sql("BEGIN").execute(conn));
+            match begun {
+                Ok(_) => {
+                    self.state = TxState::Open;
+                    return Ok(());
+                }
+                Err(_) if attempt == 0 && self.conn.is_none() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Internal("the database connection was lost".into()))
     }
 
     fn conn(&mut self) -> Result<&mut PgConnection> {
@@ -117,16 +194,6 @@ impl PgTx {
     }
 }
 
-/// Runs `$query` (an expression of `$conn`) on the writer's connection,
-/// noting a failure.
-macro_rules! run {
-    ($self:ident, |$conn:ident| $query:expr) => {{
-        let $conn = $self.conn()?;
-        let result = $query.await;
-        result.map_err(|e| $self.failed(e))
-    }};
-}
-
 /// A deadlock or serialization failure: the transaction was rolled back
 /// and may run again.
 fn is_race(e: &sqlx::Error) -> bool {
@@ -156,23 +223,20 @@ pub(super) fn connection_lost(e: &sqlx::Error) -> bool {
 impl TxBackend for PgTx {
     async fn begin(&mut self) -> Result<()> {
         self.retry = None;
-        // A connection the server has ended shows it only when used: try
-        // once more on a new one.
-        for attempt in 0..2 {
-            if self.conn.is_none() {
-                self.reconnect().await?;
-            }
-            let begun = run!(self, |conn| sqlx::raw_sql("BEGIN").execute(conn));
-            match begun {
-                Ok(_) => return Ok(()),
-                Err(_) if attempt == 0 && self.conn.is_none() => continue,
-                Err(e) => return Err(e),
-            }
+        self.used = false;
+        if self.conn.is_none() {
+            self.reconnect().await?;
         }
-        Err(Error::Internal("the database connection was lost".into()))
+        self.state = TxState::Pending;
+        Ok(())
     }
 
     async fn commit(&mut self) -> Result<()> {
+        match std::mem::replace(&mut self.state, TxState::Idle) {
+            TxState::Open => {}
+            // Committed by its seal, or nothing written.
+            TxState::Committed | TxState::Pending | TxState::Idle => return Ok(()),
+        }
         let committed = match self.conn.as_mut() {
             Some(conn) => sqlx::raw_sql("COMMIT").execute(conn).await,
             None => return Err(Error::Internal("the database connection was lost".into())),
@@ -193,6 +257,9 @@ impl TxBackend for PgTx {
     }
 
     async fn rollback(&mut self) {
+        if std::mem::replace(&mut self.state, TxState::Idle) != TxState::Open {
+            return;
+        }
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
@@ -537,21 +604,12 @@ impl TxBackend for PgTx {
 
     async fn insert_states(&mut self, states: &[StateRow]) -> Result<()> {
         for chunk in states.chunks(ROWS_PER_STATEMENT) {
-            let mut tenants = Vec::with_capacity(chunk.len());
-            let mut runs = Vec::with_capacity(chunk.len());
-            let mut ids = Vec::with_capacity(chunk.len());
-            let mut docs = Vec::with_capacity(chunk.len());
-            for (tenant, run_id, state) in chunk {
-                tenants.push(tenant.as_str());
-                runs.push(run_id.as_str());
-                ids.push(state.id.to_string());
-                docs.push(rows::encode_doc(state)?);
-            }
+            let s = StateColumns::of(chunk)?;
             run!(self, |conn| sqlx::query(sql::INSERT_STATES)
-                .bind(&tenants)
-                .bind(&runs)
-                .bind(&ids)
-                .bind(&docs)
+                .bind(&s.tenants)
+                .bind(&s.runs)
+                .bind(&s.ids)
+                .bind(&s.docs)
                 .execute(conn))?;
         }
         Ok(())
@@ -613,7 +671,7 @@ impl TxBackend for PgTx {
             .iter()
             .map(|r| r.run.dynamic_key.as_str())
             .collect();
-        run!(self, |conn| sqlx::query_scalar(sql::STORED_CONFLICTS)
+        run_alone!(self, |conn| sqlx::query_scalar(sql::STORED_CONFLICTS)
             .bind(&x_tenants)
             .bind(&x_ids)
             .bind(&x_requests)
@@ -631,49 +689,84 @@ impl TxBackend for PgTx {
         events: &[EventRow<'_>],
         executions: &[RunRow<'_, Execution>],
         task_runs: &[RunRow<'_, TaskRun>],
+        states: &[StateRow],
     ) -> Result<HashMap<String, i64>> {
+        // Nothing written yet: the statement is the transaction, and
+        // commits as it ends, so that the counter rows are held for no
+        // round trip at all. The connection must be known to be alive
+        // (the batch's check used it), or an outcome could be unknown
+        // for want of a probe.
+        let alone = self.state == TxState::Pending && self.used;
+        if !alone {
+            self.open().await?;
+        }
+        let s = StateColumns::of(states)?;
         let tenants: Vec<&str> = counts.iter().map(|(t, _)| *t).collect();
         let ns: Vec<i64> = counts.iter().map(|(_, n)| *n).collect();
         let e = EventColumns::of(events);
         let x = ExecutionColumns::of(&executions.iter().collect::<Vec<_>>())?;
         let t = TaskRunColumns::of(&task_runs.iter().collect::<Vec<_>>())?;
-        let sealed: Vec<(String, i64, i64)> = run!(self, |conn| sqlx::query_as(sql::SEAL)
-            .bind(&tenants)
-            .bind(&ns)
-            .bind(&e.tenants)
-            .bind(&e.seqs)
-            .bind(&e.executions)
-            .bind(&e.task_runs)
-            .bind(&e.task_ids)
-            .bind(&e.occurred)
-            .bind(&e.formats)
-            .bind(&e.payloads)
-            .bind(&x.tenant_id)
-            .bind(&x.id)
-            .bind(&x.created_at)
-            .bind(&x.task_id)
-            .bind(&x.state_type)
-            .bind(&x.request_id)
-            .bind(&x.request_hash)
-            .bind(&x.deleted_at)
-            .bind(&x.last_seq)
-            .bind(&x.pause_deadline)
-            .bind(&x.metadata)
-            .bind(&x.doc)
-            .bind(&t.tenant_id)
-            .bind(&t.id)
-            .bind(&t.execution_id)
-            .bind(&t.task_key)
-            .bind(&t.dynamic_key)
-            .bind(&t.created_at)
-            .bind(&t.state_type)
-            .bind(&t.stale)
-            .bind(&t.deleted_at)
-            .bind(&t.last_seq)
-            .bind(&t.pause_deadline)
-            .bind(&t.labels)
-            .bind(&t.doc)
-            .fetch_all(conn))?;
+        let sealed = run_alone!(self, |conn| sqlx::query_as::<_, (String, i64, i64)>(
+            sql::SEAL
+        )
+        .bind(&tenants)
+        .bind(&ns)
+        .bind(&e.tenants)
+        .bind(&e.seqs)
+        .bind(&e.executions)
+        .bind(&e.task_runs)
+        .bind(&e.task_ids)
+        .bind(&e.occurred)
+        .bind(&e.formats)
+        .bind(&e.payloads)
+        .bind(&x.tenant_id)
+        .bind(&x.id)
+        .bind(&x.created_at)
+        .bind(&x.task_id)
+        .bind(&x.state_type)
+        .bind(&x.request_id)
+        .bind(&x.request_hash)
+        .bind(&x.deleted_at)
+        .bind(&x.last_seq)
+        .bind(&x.pause_deadline)
+        .bind(&x.metadata)
+        .bind(&x.doc)
+        .bind(&t.tenant_id)
+        .bind(&t.id)
+        .bind(&t.execution_id)
+        .bind(&t.task_key)
+        .bind(&t.dynamic_key)
+        .bind(&t.created_at)
+        .bind(&t.state_type)
+        .bind(&t.stale)
+        .bind(&t.deleted_at)
+        .bind(&t.last_seq)
+        .bind(&t.pause_deadline)
+        .bind(&t.labels)
+        .bind(&t.doc)
+        .bind(&s.tenants)
+        .bind(&s.runs)
+        .bind(&s.ids)
+        .bind(&s.docs)
+        .bind((executions.len() + task_runs.len()) as i64)
+        .fetch_all(conn));
+        let sealed = match sealed {
+            Ok(sealed) => {
+                if alone {
+                    self.state = TxState::Committed;
+                }
+                sealed
+            }
+            Err(_) if alone && self.retry == Some(Retry::Reconnect) => {
+                // The statement may have committed before the connection
+                // went: as for a lost COMMIT, the outcome is unknown.
+                tracing::error!("the connection was lost while sealing a batch");
+                self.retry = None;
+                self.state = TxState::Idle;
+                return Err(Error::Unavailable);
+            }
+            Err(e) => return Err(e),
+        };
         if sealed.len() != counts.len() {
             return Err(Error::Internal(format!(
                 "numbered the events of {} of {} tenants",
@@ -902,6 +995,33 @@ impl<'a> TaskRunColumns<'a> {
             c.pause_deadline.push(pause_deadline(&t.run));
             c.labels.push(rows::encode_doc(&t.labels)?);
             c.doc.push(rows::encode_doc(t)?);
+        }
+        Ok(c)
+    }
+}
+
+/// History rows as the columns of an UNNEST insert.
+struct StateColumns<'a> {
+    tenants: Vec<&'a str>,
+    runs: Vec<&'a str>,
+    ids: Vec<String>,
+    docs: Vec<String>,
+}
+
+impl<'a> StateColumns<'a> {
+    fn of(states: &'a [StateRow]) -> Result<Self> {
+        let n = states.len();
+        let mut c = StateColumns {
+            tenants: Vec::with_capacity(n),
+            runs: Vec::with_capacity(n),
+            ids: Vec::with_capacity(n),
+            docs: Vec::with_capacity(n),
+        };
+        for (tenant, run_id, state) in states {
+            c.tenants.push(tenant.as_str());
+            c.runs.push(run_id.as_str());
+            c.ids.push(state.id.to_string());
+            c.docs.push(rows::encode_doc(state)?);
         }
         Ok(c)
     }
