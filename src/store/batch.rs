@@ -573,6 +573,8 @@ impl<'c> WriteTx<'c> {
         limit: i64,
     ) -> Result<Pruned> {
         self.flush().await?;
+        // What it removes depends on what the tenant's runs are now.
+        self.lock_tenants(&[tenant]).await?;
         self.writes_in_op += 1;
         self.backend.prune(tenant, cutoff, limit).await
     }
@@ -986,17 +988,21 @@ impl<'c> WriteTx<'c> {
             .seal(&counts, &rows, &executions, &task_runs, &states)
             .await?;
         drop((rows, executions, task_runs));
+        // The seal may have committed already: a defect found now is
+        // answered as an unknown outcome, never run again.
+        let defect = |what: &str| {
+            tracing::error!(error = what, "sealing a batch");
+            Error::Unavailable
+        };
         for (tenant, (start, _)) in &self.heads {
             if self.locked.contains(tenant) && bases.get(tenant).is_some_and(|b| b != start) {
-                return Err(Error::Internal(
-                    "a tenant's head moved while it was locked".into(),
-                ));
+                return Err(defect("a tenant's head moved while it was locked"));
             }
         }
         for e in &mut events {
             let base = bases
                 .get(&e.event.tenant_id)
-                .ok_or_else(|| Error::Internal("an event's tenant was not numbered".into()))?;
+                .ok_or_else(|| defect("an event's tenant was not numbered"))?;
             e.event.seq += base;
         }
         for id in &unsealed {

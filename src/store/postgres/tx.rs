@@ -131,8 +131,14 @@ impl PgTx {
 
     /// Sends BEGIN if the batch has no transaction open yet.
     async fn open(&mut self) -> Result<()> {
-        if self.state != TxState::Pending {
-            return Ok(());
+        match self.state {
+            TxState::Pending => {}
+            TxState::Open => return Ok(()),
+            TxState::Idle | TxState::Committed => {
+                return Err(Error::Internal(
+                    "a statement outside a batch's transaction".into(),
+                ));
+            }
         }
         // A connection the server has ended shows it only when used: try
         // once more on a new one.
@@ -767,22 +773,23 @@ impl TxBackend for PgTx {
             }
             Err(e) => return Err(e),
         };
+        // (A new run that met one stored meanwhile under the same key
+        // failed the statement as a serialization failure.)
         if sealed.len() != counts.len() {
-            return Err(Error::Internal(format!(
+            let defect = format!(
                 "numbered the events of {} of {} tenants",
                 sealed.len(),
                 counts.len()
-            )));
-        }
-        let written = sealed.first().map_or(0, |(_, _, n)| *n);
-        if written != (executions.len() + task_runs.len()) as i64 {
-            // Another writer stored a run under one of the new runs'
-            // idempotency keys since they were checked: run again, and
-            // the check finds it.
-            self.retry = Some(Retry::Race);
-            return Err(Error::Internal(
-                "a new run met one stored meanwhile under the same key".into(),
-            ));
+            );
+            tracing::error!(error = %defect, "sealing a batch");
+            // Committed already when the statement was the transaction:
+            // the callers must not be told it failed, nor the batch run
+            // again.
+            return Err(if alone {
+                Error::Unavailable
+            } else {
+                Error::Internal(defect)
+            });
         }
         Ok(sealed.into_iter().map(|(t, base, _)| (t, base)).collect())
     }
