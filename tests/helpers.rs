@@ -377,6 +377,17 @@ impl Process {
     }
 }
 
+/// A server a test leaves running (it failed, or it is done with it) is
+/// killed with it, never left behind.
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 // ---- request builders ------------------------------------------------------
 
 pub fn goal(goal: &str) -> pb::CreateExecutionRequest {
