@@ -160,7 +160,8 @@ pub enum EventBody {
 pub enum EventFormat {
     /// A StatusEvent of API v1, as logs written before event records hold.
     LegacyWire,
-    /// An [`EventRecord`], versioned JSON.
+    /// An [`EventRecord`], versioned: its first byte tells the version (see
+    /// [`EventRecord::decode`]).
     Record,
     /// A format this server does not know.
     Unknown(i64),
