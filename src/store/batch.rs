@@ -123,14 +123,6 @@ pub struct WriteTx<'c> {
     /// `flush`), and the operations that made or found it run again,
     /// carefully, in the same transaction.
     pub(super) careful: bool,
-    /// Whether new runs of tenants not locked are checked against the
-    /// stored runs' idempotency keys before the seal (when events are
-    /// numbered at commit). Without the check a new run that meets a
-    /// stored key fails the seal as a serialization failure, which writes
-    /// nothing, and the transaction runs again with the check: a round
-    /// trip saved on every batch, one more transaction on a batch that
-    /// repeats a stored request.
-    pub(super) check_new_runs: bool,
     /// The operation running now, by its place in the batch.
     pub(super) op: usize,
     /// Runs each operation wrote or found by idempotency key: (id, op).
@@ -167,7 +159,6 @@ impl<'c> WriteTx<'c> {
             published: Vec::new(),
             writes_in_op: 0,
             careful: true,
-            check_new_runs: true,
             op: 0,
             touched: Vec::new(),
             rerun: BTreeSet::new(),
@@ -817,9 +808,7 @@ impl<'c> WriteTx<'c> {
         let lock: Vec<&str> = lock.iter().map(String::as_str).collect();
         self.lock_tenants(&lock).await?;
         self.dirty = now;
-        if !later.is_empty() && !self.check_new_runs {
-            self.unsealed.extend(later);
-        } else if !later.is_empty() {
+        if !later.is_empty() {
             let conflicts = {
                 let (mut executions, mut task_runs) = (Vec::new(), Vec::new());
                 for id in &later {

@@ -301,9 +301,7 @@ async fn commit_group(
 ) {
     let mut attempt = 0;
     let failed = loop {
-        // A first attempt leaves finding stored idempotency keys to the
-        // seal; one that runs again looks for them first.
-        match commit(backend, cache.as_deref_mut(), &mut ops, attempt > 0).await {
+        match commit(backend, cache.as_deref_mut(), &mut ops).await {
             Ok(events) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 listener.committed(
@@ -374,7 +372,6 @@ async fn commit(
     backend: &mut dyn TxBackend,
     mut cache: Option<&mut RunCache>,
     ops: &mut [BoxedOp],
-    check_new_runs: bool,
 ) -> Result<Vec<StoredEvent>> {
     backend.begin().await?;
     let tenants: Vec<String> = ops
@@ -387,7 +384,6 @@ async fn commit(
     // unless that would take its tenant's counter row for the whole
     // transaction (see `batch`).
     tx.careful = ops.len() == 1 && !tx.late;
-    tx.check_new_runs = check_new_runs;
     // A panic in an operation (or in flushing its writes) fails the
     // transaction like any other error, and the writer carries on.
     let applied = AssertUnwindSafe(apply_all(&mut tx, &tenants, ops))
