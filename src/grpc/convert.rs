@@ -83,7 +83,7 @@ pub fn is_terminal(v: i32) -> bool {
     from_state_type(v).is_some_and(StateType::is_terminal)
 }
 
-pub(crate) fn event_kind(k: EventKind) -> i32 {
+fn event_kind(k: EventKind) -> i32 {
     let v = match k {
         EventKind::Created => pb::EventKind::Created,
         EventKind::StateChanged => pb::EventKind::StateChanged,

@@ -26,12 +26,10 @@ pub struct LoggedEvent {
     pub task_run_id: Option<String>,
     /// The task_id of the execution the event belongs to.
     pub task_id: Option<String>,
-    /// The event's kind and its run's state type, for an event this server
-    /// encoded from a record: known good and small enough for a client,
-    /// so that sending or selecting it by those needs no decoding.
-    summary: Option<Summary>,
-    /// The event decoded, when something needed it: decoded from `wire`
-    /// when a filter or an ending looks inside it.
+    /// The event decoded, when something needed it: events from records
+    /// are built that way; events of the earlier wire encoding read back
+    /// from the log are decoded when a filter or an ending looks inside
+    /// them, or when they are sent.
     event: OnceLock<Readable>,
     /// The stream message carrying the event, encoded once for everyone.
     wire: Bytes,
@@ -68,14 +66,10 @@ impl LoggedEvent {
             } => Err(format!("an event stored in unknown format {code}")),
         };
         match record {
-            Ok(record) => Self::built(
-                seq,
-                tenant_id,
-                execution_id,
-                task_run_id,
-                task_id,
-                &record.event(),
-            ),
+            Ok(record) => {
+                let status = convert::status_event(seq, &record.event());
+                Self::built(seq, tenant_id, execution_id, task_run_id, task_id, status)
+            }
             Err(e) => {
                 tracing::error!(seq, tenant = %tenant_id, error = %e, "unreadable event in the log; sending a stand-in");
                 let logged = LoggedEvent {
@@ -84,7 +78,6 @@ impl LoggedEvent {
                     execution_id,
                     task_run_id,
                     task_id,
-                    summary: None,
                     event: OnceLock::new(),
                     wire: Bytes::new(),
                     payload_start: 0,
@@ -104,7 +97,7 @@ impl LoggedEvent {
             event.resource.execution_id().to_string(),
             event.resource.task_run_id().map(|id| id.to_string()),
             event.task_id.map(str::to_owned),
-            event,
+            convert::status_event(seq, event),
         )
     }
 
@@ -123,35 +116,33 @@ impl LoggedEvent {
         execution_id: String,
         task_run_id: Option<String>,
         task_id: Option<String>,
-        event: &crate::domain::Event<'_>,
+        status_event: pb::StatusEvent,
     ) -> Self {
-        let status_event = convert::status_event(seq, event);
         let (wire, payload_start) = encode_event(&status_event);
-        let mut logged = LoggedEvent {
+        let logged = LoggedEvent {
             seq,
             tenant_id,
             execution_id,
             task_run_id,
             task_id,
-            summary: None,
             event: OnceLock::new(),
             wire,
             payload_start,
         };
-        if logged.wire.len() > CLIENT_MESSAGE_LIMIT {
+        let readable = if logged.wire.len() > CLIENT_MESSAGE_LIMIT {
             tracing::error!(
                 seq,
                 bytes = logged.wire.len(),
                 "event too large for a client; sending a stand-in"
             );
-            let readable = logged.stand_in(Some(status_event));
-            let _ = logged.event.set(readable);
+            logged.stand_in(Some(status_event))
         } else {
-            logged.summary = Some(Summary {
-                kind: convert::event_kind(event.kind),
-                state_type: convert::state_type(event.resource.state_type()),
-            });
-        }
+            Readable {
+                event: status_event,
+                stand_in: None,
+            }
+        };
+        let _ = logged.event.set(readable);
         logged
     }
 
@@ -163,9 +154,6 @@ impl LoggedEvent {
     /// The stream message to send: shared bytes, no copy; or the stand-in
     /// of an event a client could not read (see [`LoggedEvent::event`]).
     pub fn message(&self) -> EventMessage {
-        if self.summary.is_some() {
-            return EventMessage::encoded(self.wire.clone());
-        }
         match &self.readable().stand_in {
             Some(wire) => EventMessage::encoded(wire.clone()),
             None => EventMessage::encoded(self.wire.clone()),
@@ -175,15 +163,7 @@ impl LoggedEvent {
     /// Whether the stored event could not be read back whole, so that
     /// streams deliver a stand-in for it.
     pub fn is_stand_in(&self) -> bool {
-        self.summary.is_none() && self.readable().stand_in.is_some()
-    }
-
-    /// The event's kind (an `EventKind` number).
-    pub fn kind(&self) -> i32 {
-        match &self.summary {
-            Some(s) => s.kind,
-            None => self.event().kind,
-        }
+        self.readable().stand_in.is_some()
     }
 
     /// An event the log holds in the earlier encoding: an encoded
@@ -209,7 +189,6 @@ impl LoggedEvent {
             execution_id,
             task_run_id,
             task_id,
-            summary: None,
             event: OnceLock::new(),
             wire: Bytes::from(wire),
             payload_start,
@@ -303,9 +282,6 @@ impl LoggedEvent {
 
     /// The state type of the run after this event.
     pub fn state_type(&self) -> i32 {
-        if let Some(s) = &self.summary {
-            return s.state_type;
-        }
         let state = match &self.event().resource {
             Some(pb::status_event::Resource::Execution(e)) => e.state.as_ref(),
             Some(pb::status_event::Resource::TaskRun(t)) => t.state.as_ref(),
@@ -313,13 +289,6 @@ impl LoggedEvent {
         };
         state.map_or(0, |s| s.r#type)
     }
-}
-
-/// What selecting an event by kind or state type needs.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Summary {
-    kind: i32,
-    state_type: i32,
 }
 
 /// An event as decoded, and what to send instead when it cannot be sent.

@@ -40,7 +40,7 @@ impl EventFilter {
         if !self.state_types.is_empty() && !self.state_types.contains(&e.state_type()) {
             return false;
         }
-        if !self.kinds.is_empty() && !self.kinds.contains(&e.kind()) {
+        if !self.kinds.is_empty() && !self.kinds.contains(&e.event().kind) {
             return false;
         }
         if self.metadata.is_empty() && self.labels.is_empty() {

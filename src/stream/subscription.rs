@@ -400,7 +400,7 @@ enum Word {
 /// event before it shows the run no longer terminal (a forced transition).
 fn last_word(events: &[LoggedEvent]) -> Word {
     for e in events {
-        if e.kind() == pb::EventKind::Deleted as i32 {
+        if e.event().kind == pb::EventKind::Deleted as i32 {
             return Word::Deleted(e.seq);
         }
         if !convert::is_terminal(e.state_type()) {
