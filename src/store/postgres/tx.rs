@@ -116,6 +116,67 @@ macro_rules! run_alone {
     }};
 }
 
+/// Binds the columns of new executions, in the order INSERT_EXECUTIONS and SEAL take them.
+macro_rules! bind_new_executions {
+    ($q:expr, $c:ident) => {
+        $q.bind(&$c.tenant_id)
+            .bind(&$c.id)
+            .bind(&$c.created_at)
+            .bind(&$c.task_id)
+            .bind(&$c.state_type)
+            .bind(&$c.request_id)
+            .bind(&$c.request_hash)
+            .bind(&$c.deleted_at)
+            .bind(&$c.last_seq)
+            .bind(&$c.pause_deadline)
+            .bind(&$c.metadata)
+            .bind(&$c.doc)
+    };
+}
+
+/// Binds the columns of new task runs, in the order INSERT_TASK_RUNS and SEAL take them.
+macro_rules! bind_new_task_runs {
+    ($q:expr, $c:ident) => {
+        $q.bind(&$c.tenant_id)
+            .bind(&$c.id)
+            .bind(&$c.execution_id)
+            .bind(&$c.task_key)
+            .bind(&$c.dynamic_key)
+            .bind(&$c.created_at)
+            .bind(&$c.state_type)
+            .bind(&$c.stale)
+            .bind(&$c.deleted_at)
+            .bind(&$c.last_seq)
+            .bind(&$c.pause_deadline)
+            .bind(&$c.labels)
+            .bind(&$c.doc)
+    };
+}
+
+/// Binds the columns of events, in the order INSERT_EVENTS and SEAL take them.
+macro_rules! bind_events {
+    ($q:expr, $c:ident) => {
+        $q.bind(&$c.tenants)
+            .bind(&$c.seqs)
+            .bind(&$c.executions)
+            .bind(&$c.task_runs)
+            .bind(&$c.task_ids)
+            .bind(&$c.occurred)
+            .bind(&$c.formats)
+            .bind(&$c.payloads)
+    };
+}
+
+/// Binds the columns of history rows, in the order INSERT_STATES and SEAL take them.
+macro_rules! bind_states {
+    ($q:expr, $c:ident) => {
+        $q.bind(&$c.tenants)
+            .bind(&$c.runs)
+            .bind(&$c.ids)
+            .bind(&$c.docs)
+    };
+}
+
 impl PgTx {
     pub(super) fn new(options: PgConnectOptions, url: &str) -> Self {
         PgTx {
@@ -540,21 +601,8 @@ impl TxBackend for PgTx {
         let (new, changed): (Vec<_>, Vec<_>) = executions.iter().partition(|p| p.new);
         for chunk in new.chunks(ROWS_PER_STATEMENT) {
             let rows = ExecutionColumns::of(chunk)?;
-            let written: Vec<String> =
-                run!(self, |conn| sqlx::query_scalar(sql::INSERT_EXECUTIONS)
-                    .bind(&rows.tenant_id)
-                    .bind(&rows.id)
-                    .bind(&rows.created_at)
-                    .bind(&rows.task_id)
-                    .bind(&rows.state_type)
-                    .bind(&rows.request_id)
-                    .bind(&rows.request_hash)
-                    .bind(&rows.deleted_at)
-                    .bind(&rows.last_seq)
-                    .bind(&rows.pause_deadline)
-                    .bind(&rows.metadata)
-                    .bind(&rows.doc)
-                    .fetch_all(conn))?;
+            let insert = bind_new_executions!(sqlx::query_scalar(sql::INSERT_EXECUTIONS), rows);
+            let written: Vec<String> = run!(self, |conn| insert.fetch_all(conn))?;
             withdrawn.extend(not_written(rows.id, written));
         }
         for chunk in changed.chunks(ROWS_PER_STATEMENT) {
@@ -573,22 +621,8 @@ impl TxBackend for PgTx {
         let (new, changed): (Vec<_>, Vec<_>) = task_runs.iter().partition(|p| p.new);
         for chunk in new.chunks(ROWS_PER_STATEMENT) {
             let rows = TaskRunColumns::of(chunk)?;
-            let written: Vec<String> =
-                run!(self, |conn| sqlx::query_scalar(sql::INSERT_TASK_RUNS)
-                    .bind(&rows.tenant_id)
-                    .bind(&rows.id)
-                    .bind(&rows.execution_id)
-                    .bind(&rows.task_key)
-                    .bind(&rows.dynamic_key)
-                    .bind(&rows.created_at)
-                    .bind(&rows.state_type)
-                    .bind(&rows.stale)
-                    .bind(&rows.deleted_at)
-                    .bind(&rows.last_seq)
-                    .bind(&rows.pause_deadline)
-                    .bind(&rows.labels)
-                    .bind(&rows.doc)
-                    .fetch_all(conn))?;
+            let insert = bind_new_task_runs!(sqlx::query_scalar(sql::INSERT_TASK_RUNS), rows);
+            let written: Vec<String> = run!(self, |conn| insert.fetch_all(conn))?;
             withdrawn.extend(not_written(rows.id, written));
         }
         for chunk in changed.chunks(ROWS_PER_STATEMENT) {
@@ -611,12 +645,8 @@ impl TxBackend for PgTx {
     async fn insert_states(&mut self, states: &[StateRow]) -> Result<()> {
         for chunk in states.chunks(ROWS_PER_STATEMENT) {
             let s = StateColumns::of(chunk)?;
-            run!(self, |conn| sqlx::query(sql::INSERT_STATES)
-                .bind(&s.tenants)
-                .bind(&s.runs)
-                .bind(&s.ids)
-                .bind(&s.docs)
-                .execute(conn))?;
+            let insert = bind_states!(sqlx::query(sql::INSERT_STATES), s);
+            run!(self, |conn| insert.execute(conn))?;
         }
         Ok(())
     }
@@ -624,16 +654,8 @@ impl TxBackend for PgTx {
     async fn insert_events(&mut self, events: &[EventRow<'_>]) -> Result<()> {
         for chunk in events.chunks(ROWS_PER_STATEMENT) {
             let e = EventColumns::of(chunk);
-            run!(self, |conn| sqlx::query(sql::INSERT_EVENTS)
-                .bind(&e.tenants)
-                .bind(&e.seqs)
-                .bind(&e.executions)
-                .bind(&e.task_runs)
-                .bind(&e.task_ids)
-                .bind(&e.occurred)
-                .bind(&e.formats)
-                .bind(&e.payloads)
-                .execute(conn))?;
+            let insert = bind_events!(sqlx::query(sql::INSERT_EVENTS), e);
+            run!(self, |conn| insert.execute(conn))?;
         }
         Ok(())
     }
@@ -712,50 +734,14 @@ impl TxBackend for PgTx {
         let e = EventColumns::of(events);
         let x = ExecutionColumns::of(&executions.iter().collect::<Vec<_>>())?;
         let t = TaskRunColumns::of(&task_runs.iter().collect::<Vec<_>>())?;
-        let sealed = run_alone!(self, |conn| sqlx::query_as::<_, (String, i64, i64)>(
-            sql::SEAL
-        )
-        .bind(&tenants)
-        .bind(&ns)
-        .bind(&e.tenants)
-        .bind(&e.seqs)
-        .bind(&e.executions)
-        .bind(&e.task_runs)
-        .bind(&e.task_ids)
-        .bind(&e.occurred)
-        .bind(&e.formats)
-        .bind(&e.payloads)
-        .bind(&x.tenant_id)
-        .bind(&x.id)
-        .bind(&x.created_at)
-        .bind(&x.task_id)
-        .bind(&x.state_type)
-        .bind(&x.request_id)
-        .bind(&x.request_hash)
-        .bind(&x.deleted_at)
-        .bind(&x.last_seq)
-        .bind(&x.pause_deadline)
-        .bind(&x.metadata)
-        .bind(&x.doc)
-        .bind(&t.tenant_id)
-        .bind(&t.id)
-        .bind(&t.execution_id)
-        .bind(&t.task_key)
-        .bind(&t.dynamic_key)
-        .bind(&t.created_at)
-        .bind(&t.state_type)
-        .bind(&t.stale)
-        .bind(&t.deleted_at)
-        .bind(&t.last_seq)
-        .bind(&t.pause_deadline)
-        .bind(&t.labels)
-        .bind(&t.doc)
-        .bind(&s.tenants)
-        .bind(&s.runs)
-        .bind(&s.ids)
-        .bind(&s.docs)
-        .bind((executions.len() + task_runs.len()) as i64)
-        .fetch_all(conn));
+        let seal = sqlx::query_as::<_, (String, i64, i64)>(sql::SEAL)
+            .bind(&tenants)
+            .bind(&ns);
+        let seal = bind_events!(seal, e);
+        let seal = bind_new_executions!(seal, x);
+        let seal = bind_new_task_runs!(seal, t);
+        let seal = bind_states!(seal, s).bind((executions.len() + task_runs.len()) as i64);
+        let sealed = run_alone!(self, |conn| seal.fetch_all(conn));
         let sealed = match sealed {
             Ok(sealed) => {
                 if alone {
